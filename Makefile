@@ -1,0 +1,55 @@
+# The README's two commands: `make demo` and `make test`. Everything a fresh machine needs is installed here.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.ctray-installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+CONSTRAINTS ?= constraints-cpu.txt
+PYTEST_ARGS ?=
+
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install demo test test-all bench-read bench-ct lint clean data-package
+
+install: $(STAMP) data-package
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[test,dev]"
+	@touch $(STAMP)
+
+# Debian's Fashion-MNIST (the real data of the demo and the benchmarks).
+data-package:
+	@if [ -d $(FMNIST_DIR) ]; then :; \
+	elif [ "$$(id -u)" = "0" ]; then \
+	  echo "installing Debian package dataset-fashion-mnist"; \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) ; \
+	else \
+	  echo "Fashion-MNIST is missing: run 'sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist'" >&2; \
+	  echo "(tests that need it are skipped; 'make demo' needs it)" >&2; \
+	fi
+
+demo: install
+	$(VENV)/bin/ctray demo $(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+bench-read: install
+	$(PY) -m ctray.bench.read
+
+bench-ct: install
+	$(PY) -m ctray.bench.ct
+
+lint: install
+	$(VENV)/bin/ruff check ctray tests
+	$(VENV)/bin/mypy ctray
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,534 @@
+"""WebDataset shards: writing, listing and parsing, with bad input turned into quarantine rows.
+
+The input contract (DESIGN.md §3): a shard is a tar of ``<key>.<png|jpg|jpeg|webp>`` + ``<key>.cls``
+(+ optional ``<key>.json``). Sample identity is ``(shard, key)``: ``shard`` is the shard's path relative
+to the common directory of all inputs of a run (the basename for one directory), so the identity does
+not change when the data moves from a laptop to a bucket.
+
+This module has no Ray dependency: :func:`iter_shard` is the one parser, used by the Ray Data
+datasource (``ctray.data.reader``) and by the single-process tools (poisoning, benchmarks).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import posixpath
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Literal
+
+import numpy as np
+from PIL import Image
+
+from ctray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+# Quarantine reasons (stable strings: tests, reports and users grep for them).
+R_NOT_TAR = "not a readable tar file"
+R_TRUNCATED = "truncated tar"
+R_EMPTY = "empty shard"
+R_NO_IMAGE = "no image member"
+R_MULTI_IMAGE = "more than one image member"
+R_DECODE = "image does not decode"
+R_NO_CLS = "missing .cls"
+R_BAD_CLS = "non-integer .cls"
+R_LABEL_RANGE = "label out of range"
+R_SIZE = "image size differs from the run's"
+R_MODE = "image mode differs from the run's"
+R_DUP = "duplicate key in shard"
+R_BAD_JSON = "invalid .json metadata"
+
+# Mode -> channels after conversion. Palette and alpha images are converted (alpha dropped).
+_MODE_CHANNELS = {"1": 1, "L": 1, "LA": 1, "I": 1, "I;16": 1, "F": 1, "P": 3, "RGB": 3, "RGBA": 3,
+                  "CMYK": 3, "YCbCr": 3, "PA": 3}
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What every decoded image of a run looks like.
+
+    Attributes:
+        height, width: pixels.
+        channels: 1 (grey) or 3 (RGB).
+        on_mode: ``"convert"`` converts any mode to ``channels`` (grey<->RGB, palette, alpha dropped)
+            and counts it; ``"quarantine"`` quarantines images whose native channels differ.
+        on_size: ``"quarantine"`` (default) quarantines images of another size; ``"resize"`` resizes them
+            (bilinear) and counts it.
+    """
+
+    height: int
+    width: int
+    channels: int
+    on_mode: Literal["convert", "quarantine"] = "convert"
+    on_size: Literal["quarantine", "resize"] = "quarantine"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+
+@dataclass
+class Record:
+    """One parsed sample (or one shard-level failure when ``reason`` is set and ``key`` may be "").
+
+    ``image`` is ``uint8 (H, W, C)`` at the run's spec when ``ok``; ``label`` is -1 when not ok.
+    ``note`` says what was converted/resized on an ok record ("" when nothing).
+    """
+
+    shard: str
+    key: str
+    image: np.ndarray | None
+    label: int
+    meta: str  # the raw .json text ("" when absent)
+    reason: str = ""
+    note: str = ""
+    level: Literal["sample", "shard"] = "sample"
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing
+
+
+def encode_image(image: np.ndarray, fmt: str = "png") -> bytes:
+    """Encode ``uint8 (H, W)`` or ``(H, W, C)`` (C in 1, 3, 4) as PNG/JPEG/WebP bytes."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise DataError(f"encode_image needs uint8 pixels, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    buf = io.BytesIO()
+    pil_fmt = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}[fmt]
+    kwargs: dict[str, Any] = {"compress_level": 1} if pil_fmt == "PNG" else {"quality": 95}
+    Image.fromarray(arr).save(buf, format=pil_fmt, **kwargs)
+    return buf.getvalue()
+
+
+@dataclass
+class ShardWriter:
+    """Write samples into numbered tar shards ``<out_dir>/<prefix>-%06d.tar`` of ``shard_size`` samples.
+
+    Deterministic: same samples in the same order give byte-identical tars (fixed mtime, uid, order),
+    so shard hashes are usable as integrity signals. Local directories only (write, then upload).
+
+    Use as a context manager; :attr:`paths` lists the shards written.
+    """
+
+    out_dir: str
+    prefix: str
+    shard_size: int
+    image_format: str = "png"
+    paths: list[str] = field(default_factory=list)
+    _tar: tarfile.TarFile | None = None
+    _count: int = 0
+    _keys: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise DataError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.image_format not in IMAGE_EXTS:
+            raise DataError(f"image_format must be one of {IMAGE_EXTS}, got {self.image_format!r}")
+        os.makedirs(self.out_dir, exist_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _add(self, name: str, data: bytes) -> None:
+        assert self._tar is not None
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o444
+        info.uname = info.gname = "ctray"
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, key: str, image: np.ndarray | bytes, label: int,
+              meta: dict[str, Any] | None = None, image_ext: str | None = None) -> None:
+        """Append one sample. ``image`` is uint8 HxW[xC] pixels, or already-encoded bytes (then
+        ``image_ext`` names their format). ``key`` must not contain '.' (WebDataset splits on it)."""
+        if "." in key or "/" in key or not key:
+            raise DataError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
+        if self._tar is None or self._count >= self.shard_size:
+            self._open_next()
+        if key in self._keys:
+            raise DataError(f"duplicate key {key!r} in shard {self.paths[-1]}")
+        self._keys.add(key)
+        if isinstance(image, bytes | bytearray):
+            ext, data = (image_ext or self.image_format), bytes(image)
+        else:
+            ext, data = self.image_format, encode_image(image, self.image_format)
+        self._add(f"{key}.{ext}", data)
+        self._add(f"{key}.cls", str(int(label)).encode())
+        if meta:
+            self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        self._count += 1
+
+    def _open_next(self) -> None:
+        self.close()
+        path = os.path.join(self.out_dir, f"{self.prefix}-{len(self.paths):06d}.tar")
+        self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+        self.paths.append(path)
+        self._count = 0
+        self._keys = set()
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# listing
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def open_input(path: str) -> BinaryIO:
+    """Open a local path or an ``s3://`` / ``gs://`` URI for streaming reads (pyarrow filesystems)."""
+    if _is_remote(path):
+        from pyarrow import fs as pafs
+
+        filesystem, p = pafs.FileSystem.from_uri(path)
+        return filesystem.open_input_stream(p)  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Resolve shard inputs to a sorted, de-duplicated list of tar paths/URIs.
+
+    Accepts a directory (its ``*.tar``), a glob (``d/train-*.tar``), a brace pattern
+    (``d/train-{000000..000009}.tar``), a comma-separated string, or a list of any of these; local or
+    ``s3://`` / ``gs://`` (listed with pyarrow's filesystems, credentials from the environment).
+
+    Raises:
+        DataError: a pattern or directory that matches no tar, or a named file that does not exist.
+    """
+    import glob as globmod
+
+    from braceexpand import braceexpand
+
+    items = [spec] if isinstance(spec, str) else list(spec)
+    parts: list[str] = []
+    for item in items:
+        for piece in str(item).split(","):
+            if piece.strip():
+                parts.extend(braceexpand(piece.strip()))
+    out: list[str] = []
+    for p in parts:
+        if _is_remote(p):
+            out.extend(_expand_remote(p))
+            continue
+        if os.path.isdir(p):
+            found = sorted(globmod.glob(os.path.join(p, "*.tar")))
+            if not found:
+                raise DataError(f"directory {p} holds no *.tar shards")
+            out.extend(found)
+        elif any(ch in p for ch in "*?["):
+            found = sorted(globmod.glob(p))
+            if not found:
+                raise DataError(f"pattern {p} matches no file")
+            out.extend(found)
+        elif os.path.exists(p):
+            out.append(p)
+        else:
+            raise DataError(f"shard {p} does not exist")
+    seen: set[str] = set()
+    uniq = [p for p in out if not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
+    return sorted(uniq)
+
+
+def _expand_remote(uri: str) -> list[str]:
+    import fnmatch
+
+    from pyarrow import fs as pafs
+
+    scheme = uri.split("://", 1)[0]
+    filesystem, path = pafs.FileSystem.from_uri(uri.split("*")[0].rsplit("/", 1)[0] + "/"
+                                                if "*" in uri else uri)
+    if any(ch in uri for ch in "*?["):
+        base = path
+        pattern = uri.split("://", 1)[1]
+        sel = pafs.FileSelector(base, recursive=False)
+        found = [f"{scheme}://{i.path}" for i in filesystem.get_file_info(sel)
+                 if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern)]
+        if not found:
+            raise DataError(f"pattern {uri} matches no object")
+        return sorted(found)
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        sel = pafs.FileSelector(path, recursive=False)
+        found = [f"{scheme}://{i.path}" for i in filesystem.get_file_info(sel)
+                 if i.type == pafs.FileType.File and i.path.endswith(".tar")]
+        if not found:
+            raise DataError(f"{uri} holds no *.tar shards")
+        return sorted(found)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"shard {uri} does not exist")
+    return [uri]
+
+
+def shard_ids(paths: Sequence[str]) -> dict[str, str]:
+    """Map each shard path to its id: the path relative to the inputs' common directory.
+
+    One directory of shards gives basenames (``train-000000.tar``). Inputs from several directories
+    keep the distinguishing part (``a/000.tar``, ``b/000.tar``).
+    """
+    if not paths:
+        return {}
+    stripped = [p.split("://", 1)[1] if _is_remote(p) else os.path.abspath(p) for p in paths]
+    dirs = [posixpath.dirname(s) for s in stripped]
+    common = posixpath.commonpath(dirs) if len(set(dirs)) > 1 else dirs[0]
+    return {p: posixpath.relpath(s, common) for p, s in zip(paths, stripped, strict=True)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# parsing
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: key = path up to the first '.' of the basename; ext = the rest, lowercased."""
+    d, b = posixpath.split(name)
+    if "." not in b:
+        return name, ""
+    stem, ext = b.split(".", 1)
+    return (posixpath.join(d, stem) if d else stem), ext.lower()
+
+
+def decode_image(data: bytes, spec: ImageSpec | None) -> tuple[np.ndarray | None, str, str]:
+    """Decode image bytes to ``uint8 (H, W, C)`` at ``spec`` (native channels when ``spec`` is None).
+
+    Returns:
+        ``(image, reason, note)``: ``image`` is None and ``reason`` set when unusable; ``note`` names a
+        conversion/resize that was applied.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            mode = im.mode
+            native_c = _MODE_CHANNELS.get(mode, 3)
+            want_c = spec.channels if spec else native_c
+            note = ""
+            if spec and native_c != want_c or mode not in ("L", "RGB"):
+                if spec and spec.on_mode == "quarantine" and (native_c != want_c or mode in ("P", "RGBA", "LA", "PA")):
+                    return None, f"{R_MODE}: {mode}, run wants {'L' if want_c == 1 else 'RGB'}", ""
+                if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+                    # composite on black so the alpha channel does not leak as garbage pixels
+                    rgba = im.convert("RGBA")
+                    bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+                    im2 = Image.alpha_composite(bg, rgba)
+                else:
+                    im2 = im
+                im2 = im2.convert("L" if want_c == 1 else "RGB")
+                note = f"mode {mode}->{im2.mode}"
+            else:
+                im2 = im
+            if spec and (im2.height, im2.width) != (spec.height, spec.width):
+                if spec.on_size == "quarantine":
+                    return None, f"{R_SIZE}: {im2.width}x{im2.height}, run wants {spec.width}x{spec.height}", ""
+                im2 = im2.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+                note = (note + "; " if note else "") + "resized"
+            arr = np.asarray(im2, dtype=np.uint8)
+    except Exception as e:  # PIL raises many types for corrupt data
+        return None, f"{R_DECODE}: {type(e).__name__}: {e}"[:300], ""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr, "", note
+
+
+def _finish(shard: str, key: str, members: dict[str, bytes], spec: ImageSpec | None,
+            num_classes: int | None) -> Record:
+    imgs = [e for e in members if e in IMAGE_EXTS]
+    meta_raw = members.get("json", b"")
+    meta = meta_raw.decode("utf-8", "replace") if meta_raw else ""
+
+    def bad(reason: str) -> Record:
+        return Record(shard, key, None, -1, meta, reason=reason)
+
+    if not imgs:
+        return bad(R_NO_IMAGE)
+    if len(imgs) > 1:
+        return bad(f"{R_MULTI_IMAGE}: {sorted(imgs)}")
+    if "cls" not in members:
+        return bad(R_NO_CLS)
+    txt = members["cls"].decode("utf-8", "replace").strip()
+    try:
+        label = int(txt)
+    except ValueError:
+        return bad(f"{R_BAD_CLS}: {txt[:40]!r}")
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        hi = f"{num_classes}" if num_classes is not None else "inf"
+        return bad(f"{R_LABEL_RANGE}: {label} not in [0, {hi})")
+    if meta:
+        try:
+            json.loads(meta)
+        except ValueError:
+            return bad(R_BAD_JSON)
+    image, reason, note = decode_image(members[imgs[0]], spec)
+    if image is None:
+        return bad(reason)
+    return Record(shard, key, image, label, meta, note=note)
+
+
+def iter_shard(path: str, shard_id: str, spec: ImageSpec | None, num_classes: int | None,
+               fileobj: BinaryIO | None = None) -> Iterator[Record]:
+    """Parse one shard into :class:`Record` s, streaming (one sample's members in memory at a time).
+
+    Every sample found yields exactly one record, ok or with a quarantine ``reason``. Shard-level
+    failures (not a tar, empty) yield one record with ``level="shard"`` and ``key=""``; a truncated
+    tar yields the samples read before the damage, then one shard-level record naming where it broke.
+    Duplicate keys within a shard: the first occurrence is kept, later ones are quarantined.
+
+    Args:
+        path: local path or URI (opened with :func:`open_input` unless ``fileobj`` is given).
+        shard_id: the identity string written in every record's ``shard``.
+        spec: the run's image spec; None keeps native size/channels (used to probe a dataset).
+        num_classes: labels must lie in ``[0, num_classes)``; None skips the upper bound.
+    """
+    seen: set[str] = set()
+    n = 0
+    cur_key: str | None = None
+    members: dict[str, bytes] = {}
+
+    def flush() -> Iterator[Record]:
+        nonlocal n
+        if cur_key is None:
+            return
+        n += 1
+        if cur_key in seen:
+            yield Record(shard_id, cur_key, None, -1, "", reason=R_DUP)
+            return
+        seen.add(cur_key)
+        yield _finish(shard_id, cur_key, members, spec, num_classes)
+
+    f = fileobj if fileobj is not None else open_input(path)
+    try:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r|")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            yield Record(shard_id, "", None, -1, "", reason=f"{R_NOT_TAR}: {e}"[:300], level="shard")
+            return
+        try:
+            for ti in tf:
+                if not ti.isfile():
+                    continue
+                key, ext = _split_name(ti.name)
+                ef = tf.extractfile(ti)
+                data = ef.read() if ef is not None else b""
+                if len(data) != ti.size:
+                    raise tarfile.ReadError(f"member {ti.name} has {len(data)} of {ti.size} bytes")
+                if key != cur_key or ext in members:
+                    # a new sample starts (or the same key repeats an extension: a duplicate sample)
+                    yield from flush()
+                    cur_key, members = key, {}
+                members[ext] = data
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            # samples completed before the damage were yielded; the one in progress is lost with it
+            where = f" at key {cur_key!r}" if cur_key else ""
+            yield Record(shard_id, cur_key or "", None, -1, "",
+                         reason=f"{R_TRUNCATED}{where}: {e}"[:300], level="shard")
+            return
+        yield from flush()
+        if n == 0:
+            yield Record(shard_id, "", None, -1, "", reason=R_EMPTY, level="shard")
+    finally:
+        if fileobj is None:
+            f.close()
+
+
+def iter_shards(paths: Iterable[str], spec: ImageSpec | None, num_classes: int | None) -> Iterator[Record]:
+    """:func:`iter_shard` over several shards, with ids from :func:`shard_ids`."""
+    paths = list(paths)
+    ids = shard_ids(paths)
+    for p in paths:
+        yield from iter_shard(p, ids[p], spec, num_classes)
+
+
+def load_arrays(paths: Sequence[str], spec: ImageSpec | None = None, num_classes: int | None = None,
+                ) -> tuple[list[Record], list[Record]]:
+    """Read shards fully into memory (single process). Returns ``(ok_records, quarantined)``.
+
+    For small sets only (dataset preparation, poisoning, tests); runs read through Ray Data instead.
+    """
+    ok: list[Record] = []
+    bad: list[Record] = []
+    for r in iter_shards(paths, spec, num_classes):
+        (ok if r.ok else bad).append(r)
+    return ok, bad
+
+
+def read_manifest(shards: Sequence[str]) -> dict[str, Any] | None:
+    """The ``manifest.json`` beside the first shard (written by ``ctray data``), or None."""
+    if not shards:
+        return None
+    first = shards[0]
+    d = first.rsplit("/", 1)[0] if _is_remote(first) else os.path.dirname(first)
+    path = f"{d}/manifest.json"
+    try:
+        with open_input(path) as f:
+            return json.loads(f.read().decode())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def probe_spec(shards: Sequence[str], max_samples: int = 64) -> tuple[ImageSpec, int | None]:
+    """Infer the run's image spec (and class count, if a manifest gives it) from the data.
+
+    Uses ``manifest.json`` when present; otherwise the most common native (H, W, C) among the first
+    ``max_samples`` decodable samples of the first shards.
+
+    Raises:
+        DataError: no decodable sample in the probed shards.
+    """
+    man = read_manifest(shards)
+    if man and "image_shape" in man:
+        h, w, c = man["image_shape"]
+        return ImageSpec(int(h), int(w), int(c)), man.get("num_classes")
+    counts: dict[tuple[int, int, int], int] = {}
+    seen = 0
+    for p in shards:
+        for r in iter_shard(p, p, None, None):
+            if r.ok and r.image is not None:
+                shp = tuple(int(x) for x in r.image.shape)
+                counts[shp] = counts.get(shp, 0) + 1  # type: ignore[index]
+                seen += 1
+                if seen >= max_samples:
+                    break
+        if seen >= max_samples:
+            break
+    if not counts:
+        raise DataError(f"no decodable image in the first shards ({shards[:3]}...): cannot infer the image size")
+    h, w, c = max(counts.items(), key=lambda kv: kv[1])[0]
+    return ImageSpec(h, w, c), None
+
+
+def sample_id(shard: str, key: str) -> int:
+    """A stable signed 64-bit id of ``(shard, key)`` (BLAKE2b), for joins and set membership.
+
+    Identity remains ``(shard, key)``; the id is an index into it. A collision among N samples has
+    probability about N**2 / 2**64 (1e-8 at 1e6 samples), so outputs keep ``shard`` and ``key`` too.
+    """
+    import hashlib
+
+    h = hashlib.blake2b(f"{shard}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little", signed=True)
+
+
+def sample_ids(shards: Sequence[str], keys: Sequence[str]) -> np.ndarray:
+    """Vector form of :func:`sample_id`: ``int64 (N,)``."""
+    return np.fromiter((sample_id(s, k) for s, k in zip(shards, keys, strict=True)), dtype=np.int64,
+                       count=len(keys))

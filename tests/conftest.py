@@ -1,0 +1,34 @@
+"""Shared fixtures: one session-scoped local Ray (real, not mocked) and tiny real data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Before Ray is imported anywhere: no auth token file, fast Train health checks (ray-notes §4).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray for the whole session. 4 logical CPUs on 2 cores so Train workers and Ray Data
+    cannot starve each other (the 2-CPU deadlock of ray-notes §5.1); never attaches to a running
+    `ray start` cluster (address="local")."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, log_to_driver=False,
+             include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fmnist_available() -> bool:
+    return os.path.exists(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz"))
