@@ -1,0 +1,323 @@
+"""The config schema: dataclasses are the ONLY home of defaults; presets and ``key=value`` override them.
+
+Defaults are the published CT schedule for CIFAR-10 (Qi et al., USENIX Security 2023; the official
+code's ``config.py`` + ``ct_cleanser.py``; ../shared/specs/ct.md §1.4), each with its reason. Named
+presets (``ctray/presets/*.yaml``) hold only differences from these defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from ctray.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
+
+
+@dataclass
+class IOConfig:
+    """Where data comes from and where results go (set by CLI options; also settable as ``io.*``)."""
+
+    train: list[str] = field(default_factory=list)  # shard specs of the suspect set D
+    clean: list[str] = field(default_factory=list)  # shard specs of the trusted reserve R
+    out: str = ""  # run directory
+    truth: str = ""  # optional truth.parquet / .csv (shard, key, poison[, cover])
+
+
+@dataclass
+class DataConfig:
+    """How shards are read. Image size/channels/classes are inferred from the data when left at 0."""
+
+    image_size: int = 0  # 0 = infer (manifest.json, else the most common size)
+    channels: int = 0  # 0 = infer; 1 grey, 3 RGB
+    num_classes: int = 0  # 0 = infer (manifest, else max label + 1 of D and R)
+    on_mode: str = "convert"  # DESIGN §3: any mode is converted to the run's channels ("quarantine" to refuse)
+    on_size: str = "quarantine"  # an image of another size is quarantined ("resize" to resize it)
+    strict: bool = False  # a whole-shard failure (not a tar, truncated, empty) raises instead of quarantining
+    mean: float = 0.5  # normalisation x' = (x/255 - mean) / std, same for every channel
+    std: float = 0.25
+    read_cpus: float = 0.25  # fractional CPUs per Ray Data task: avoids the Train/Data 2-CPU deadlock
+    score_batch_size: int = 512  # rows per scoring batch (inference only)
+    score_actors: int = 1  # scoring actors per pass (more on a cluster)
+    score_cpus: float = 1.0  # CPUs per scoring actor (threads = max(1, int(score_cpus)))
+
+
+@dataclass
+class BaseConfig:
+    """The base model f_base, trained normally on all of D; only its predictions on R are used
+    (confusion labels). Reference: ResNet-18, 100 epochs, SGD lr 0.1, mom 0.9, wd 1e-4, batch 128,
+    lr x0.1 at epochs 50/75, random crop (pad 4) + horizontal flip (``train_on_poisoned_set.py``)."""
+
+    arch: str = "resnet18"
+    epochs: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    milestones: list[int] = field(default_factory=lambda: [50, 75])
+    gamma: float = 0.1
+    augment: str = "crop-flip"  # "crop-flip" | "crop" | "none" (flip is wrong for digits/text)
+
+
+@dataclass
+class CTConfig:
+    """Confusion Training. Per-round lists have one entry per round (``rounds``); distillation lists
+    one per non-final round (``rounds - 1``). Values: the paper's CIFAR-10 schedule (specs/ct.md §1.4)."""
+
+    arch: str = "resnet18"  # CT model; CIFAR/GTSRB use f_base's architecture (config.py: arch)
+    rounds: int = 6  # len(distillation_ratio) + 1
+    # pretraining ("base_r"): SGD lr 0.01, mom 0.9, batch 32, plain CE, no augmentation
+    pretrain_epochs: list[int] = field(default_factory=lambda: [100, 100, 40, 40, 40, 40])
+    pretrain_lr: float = 0.01
+    pretrain_momentum: float = 0.9
+    pretrain_batch_size: int = 32
+    pretrain_weight_decay: float = 1e-4
+    pretrain_from_scratch: bool = False  # CIFAR: init from the previous round's pretrained model
+    reserve_in_pretrain_from: int = 5  # rounds >= this add R with labels (y+1) mod C (CIFAR: final only)
+    # confusion training ("confused_r"): init = base_r; constant lr; batch 32 confusion + 32 inspection
+    iters: list[int] = field(default_factory=lambda: [6000, 6000, 6000, 6000, 2000, 2000])
+    lr: list[float] = field(default_factory=lambda: [0.001, 0.001, 0.001, 0.01, 0.01, 0.01])
+    momentum: float = 0.7
+    weight_decay: float = 1e-4
+    lam: list[float] = field(default_factory=lambda: [20, 20, 20, 30, 30, 15])  # confusion factor
+    batch_factor: list[int] = field(default_factory=lambda: [2, 2, 2, 2, 2, 2])  # mixed step every b-th
+    batch_size: int = 32  # each of the confusion and the inspection part (global, all workers together)
+    uniform_class_weights: bool = False  # ImageNet/Ember: True; final round always uniform
+    # distillation after round r < rounds-1: keep int(ratio * N) lowest-loss of ALL of D, floor n_c // k
+    keep_ratio: list[float] = field(default_factory=lambda: [1 / 2, 1 / 5, 1 / 25, 1 / 50, 1 / 100])
+    floor_k: list[int] = field(default_factory=lambda: [50, 50, 50, 50, 100])
+
+
+@dataclass
+class DecideConfig:
+    """The final per-class PCA + likelihood-ratio test (specs/ct.md §1.6)."""
+
+    threshold_max: float = 1.5  # the class with the largest LR is cleansed above this
+    threshold_any: float = 2.0  # any class is cleansed above this
+    flag_budget: float = 0.0  # Ember variant: >0 flags the lowest-loss fraction instead of the LRT
+
+
+@dataclass
+class ScaleConfig:
+    """How the Ray Train phases are laid out."""
+
+    num_workers: int = 1  # data-parallel training workers (DDP, gloo on CPU / nccl on GPU)
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.0  # 0 = auto: what the cluster leaves after Data's share, <= 1 per worker
+    gpus_per_worker: float = 1.0
+    torch_threads: int = 0  # 0 = auto: cpus_per_worker rounded down, >= 1
+
+
+@dataclass
+class Config:
+    """One detection run. ``preset`` names the YAML the values came from."""
+
+    preset: str = "reference-cifar"
+    seed: int = 0
+    io: IOConfig = field(default_factory=IOConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    ct: CTConfig = field(default_factory=CTConfig)
+    decide: DecideConfig = field(default_factory=DecideConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> Config:
+        """Check cross-field rules; return self. Raises :class:`ConfigError` naming the field."""
+        ct = self.ct
+        if ct.rounds < 1:
+            raise ConfigError(f"ct.rounds must be >= 1, got {ct.rounds}")
+        for name in ("pretrain_epochs", "iters", "lr", "lam", "batch_factor"):
+            v = getattr(ct, name)
+            if len(v) != ct.rounds:
+                raise ConfigError(f"ct.{name} needs {ct.rounds} entries (one per round), got {len(v)}: {v}")
+        for name in ("keep_ratio", "floor_k"):
+            v = getattr(ct, name)
+            if len(v) != ct.rounds - 1:
+                raise ConfigError(f"ct.{name} needs {ct.rounds - 1} entries (rounds - 1), got {len(v)}: {v}")
+        if any(not 0 < r <= 1 for r in ct.keep_ratio):
+            raise ConfigError(f"ct.keep_ratio entries must lie in (0, 1], got {ct.keep_ratio}")
+        if any(k < 1 for k in ct.floor_k):
+            raise ConfigError(f"ct.floor_k entries must be >= 1, got {ct.floor_k}")
+        if any(lam <= 1 for lam in ct.lam):
+            raise ConfigError(f"ct.lam entries must be > 1 (loss = ((lam-1) L_conf + L_insp) / lam), got {ct.lam}")
+        if any(b < 1 for b in ct.batch_factor):
+            raise ConfigError(f"ct.batch_factor entries must be >= 1, got {ct.batch_factor}")
+        if any(i < 1 for i in ct.iters) or any(e < 0 for e in ct.pretrain_epochs):
+            raise ConfigError("ct.iters must be >= 1 and ct.pretrain_epochs >= 0")
+        if self.data.on_mode not in ("convert", "quarantine"):
+            raise ConfigError(f"data.on_mode must be 'convert' or 'quarantine', got {self.data.on_mode!r}")
+        if self.data.on_size not in ("quarantine", "resize"):
+            raise ConfigError(f"data.on_size must be 'quarantine' or 'resize', got {self.data.on_size!r}")
+        if self.base.augment not in ("crop-flip", "crop", "none"):
+            raise ConfigError(f"base.augment must be crop-flip, crop or none, got {self.base.augment!r}")
+        if self.scale.num_workers < 1:
+            raise ConfigError(f"scale.num_workers must be >= 1, got {self.scale.num_workers}")
+        for b in (self.ct.batch_size, self.ct.pretrain_batch_size, self.base.batch_size):
+            if b < self.scale.num_workers:
+                raise ConfigError(f"batch sizes ({b}) must be >= scale.num_workers ({self.scale.num_workers}):"
+                                  " the global batch is split across workers")
+        from ctray.models import MODELS
+
+        for f, arch in (("base.arch", self.base.arch), ("ct.arch", self.ct.arch)):
+            if arch not in MODELS:
+                raise ConfigError(f"{f}={arch!r} is not a model; known: {sorted(MODELS)}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def list_presets() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+
+
+def _coerce(value: Any, typ: Any, path: str) -> Any:
+    origin = get_origin(typ)
+    if origin is list:
+        (inner,) = get_args(typ)
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{path} must be true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        return str(value)
+    return value
+
+
+def _set(obj: Any, dotted: str, value: Any, full: str) -> None:
+    head, _, rest = dotted.partition(".")
+    hints = get_type_hints(type(obj))
+    if head not in hints:
+        known = ", ".join(sorted(hints))
+        raise ConfigError(f"unknown config field {full!r}: {head!r} is not one of [{known}]")
+    typ = hints[head]
+    if rest:
+        cur = getattr(obj, head)
+        if dataclasses.is_dataclass(cur):
+            _set(cur, rest, value, full)
+            return
+        if isinstance(cur, list) and rest.isdigit():  # ct.lam.3=30
+            i = int(rest)
+            if i >= len(cur):
+                raise ConfigError(f"{full}: index {i} out of range for {head} of length {len(cur)}")
+            cur[i] = _coerce(value, get_args(typ)[0], full)
+            return
+        raise ConfigError(f"unknown config field {full!r}")
+    if dataclasses.is_dataclass(getattr(obj, head)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{full} is a section; give a mapping or set {full}.<field>")
+        for k, v in value.items():
+            _set(getattr(obj, head), k, v, f"{full}.{k}")
+        return
+    setattr(obj, head, _coerce(value, typ, full))
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Apply ``{"ct.lam": [20, ...], "seed": 1, "ct.lam.3": 30, "data": {...}}`` in order, with type checks."""
+    for k, v in overrides.items():
+        _set(cfg, k, v, k)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[1,2]"]`` -> dict with YAML-parsed values. Raises ConfigError on a bad item."""
+    out: dict[str, Any] = {}
+    for it in items:
+        if "=" not in it:
+            raise ConfigError(f"expected key=value, got {it!r}")
+        k, v = it.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot parse the value of {k}: {e}") from e
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = os.path.join(PRESET_DIR, f"{name}.yaml")
+    if not os.path.exists(path):
+        raise ConfigError(f"unknown preset {name!r}; known: {list_presets()}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path} must be a mapping")
+    return data
+
+
+def load_config(preset: str | None = None, overrides: dict[str, Any] | None = None,
+                config_file: str | None = None) -> Config:
+    """Defaults <- preset YAML <- config file (a full or partial dump, e.g. sweep's best.yaml) <- overrides.
+
+    Raises:
+        ConfigError: unknown preset/field, wrong type, or a cross-field rule broken.
+    """
+    cfg = Config()
+    file_data: dict[str, Any] = {}
+    if config_file:
+        with open(config_file) as f:
+            file_data = yaml.safe_load(f) or {}
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"config file {config_file} must hold a mapping")
+    name = preset or file_data.get("preset") or "reference-cifar"
+    apply_overrides(cfg, _flatten(load_preset(name)))
+    cfg.preset = name
+    file_data.pop("preset", None)
+    apply_overrides(cfg, _flatten(file_data))
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return cfg.validate()
+
+
+def auto_preset(image_size: int, num_classes: int, n_samples: int, use_gpu: bool) -> tuple[str, str]:
+    """Pick a preset from the data; returns ``(name, reason)``.
+
+    - <= 32 px without a GPU: ``small`` (the CT shape with CPU-sized epochs/iterations);
+    - <= 32 px with a GPU: ``reference-cifar`` (the paper's schedule);
+    - larger images or > 200 classes: ``imagenet64`` (narrow ResNet on 64 px, 5 rounds).
+    Tiny sets (< 2,000 samples) get ``smoke`` since floors of n_c/50 round to 0 there.
+    """
+    if n_samples < 2000:
+        return "smoke", f"{n_samples} samples < 2000"
+    if image_size > 32 or num_classes > 200:
+        return "imagenet64", f"image size {image_size} px / {num_classes} classes"
+    if use_gpu:
+        return "reference-cifar", f"{image_size} px, GPU available"
+    return "small", f"{image_size} px on CPU"

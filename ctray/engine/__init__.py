@@ -1,0 +1,1 @@
+"""Drivers: detect (rounds), score (Ray Data map_batches), and friends."""

@@ -1,0 +1,116 @@
+"""Pure-torch CT steps, no Ray: normalisation, augmentation, the pretrain step, the confusion step and
+per-sample scoring. The loop in ``ctray.training.loop`` composes them; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def to_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """``uint8 (B, H, W, C)`` -> normalised ``float32 (B, C, H, W)``: ``(x/255 - mean) / std``."""
+    x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    return x.sub_(mean).div_(std)
+
+
+def augment(images: torch.Tensor, mode: str, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding ``pad`` (+ horizontal flip for ``crop-flip``) of ``uint8 (B,H,W,C)``.
+
+    f_base only: CT itself trains without augmentation (specs/ct.md §1.2).
+    """
+    if mode == "none":
+        return images
+    b, h, w, _ = images.shape
+    padded = F.pad(images.permute(0, 3, 1, 2), (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None, :])  # (B, H)
+    cols = (dx[:, None] + torch.arange(w)[None, :])  # (B, W)
+    bi = torch.arange(b)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    if mode == "crop-flip":
+        flip = torch.rand(b, generator=gen) < 0.5
+        out[flip] = out[flip].flip(2)
+    return out
+
+
+def confusion_shift(step: int, num_classes: int) -> int:
+    """The confusion-label shift of global step ``step``: cycles 1, 2, ..., C-1, 1, ... (never 0)."""
+    if num_classes < 2:
+        raise ValueError("confusion training needs at least 2 classes")
+    return 1 + (step % (num_classes - 1))
+
+
+def is_mixed_step(step: int, batch_factor: int) -> bool:
+    """Every ``batch_factor``-th global step mixes an inspection batch of D into the forward pass."""
+    return step % batch_factor == 0
+
+
+def pretrain_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One plain mean-CE SGD step. Returns the loss."""
+    model.train()
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def confusion_loss(logits_conf: torch.Tensor, y_conf: torch.Tensor, logits_insp: torch.Tensor | None,
+                   y_insp: torch.Tensor | None, class_w: torch.Tensor | None, lam: float) -> torch.Tensor:
+    """CT's objective for one step (specs/ct.md §1.4 step 3).
+
+    Confusion-only step: mean CE of the confusion part. Mixed step:
+    ``((lam - 1) * L_conf + L_insp) / lam`` with ``L_insp = sum_i w_{y_i} CE_i / sum_i w_{y_i}``.
+    """
+    l_conf = F.cross_entropy(logits_conf, y_conf)
+    if logits_insp is None:
+        return l_conf
+    ce = F.cross_entropy(logits_insp, y_insp, reduction="none")
+    w = class_w[y_insp] if class_w is not None else torch.ones_like(ce)
+    l_insp = (w * ce).sum() / w.sum()
+    return ((lam - 1.0) * l_conf + l_insp) / lam
+
+
+def confusion_step(model: nn.Module, opt: torch.optim.Optimizer, x_conf: torch.Tensor, y_conf: torch.Tensor,
+                   x_insp: torch.Tensor | None, y_insp: torch.Tensor | None, class_w: torch.Tensor | None,
+                   lam: float) -> float:
+    """One CT SGD step. A mixed step forwards ``[confusion; inspection]`` in ONE pass so BatchNorm
+    shares batch statistics between the two parts, as the reference does."""
+    model.train()
+    if x_insp is None:
+        logits = model(x_conf)
+        loss = confusion_loss(logits, y_conf, None, None, None, lam)
+    else:
+        logits = model(torch.cat([x_conf, x_insp]))
+        n = x_conf.shape[0]
+        loss = confusion_loss(logits[:n], y_conf, logits[n:], y_insp, class_w, lam)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def score_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, with_features: bool = False,
+                ) -> dict[str, torch.Tensor]:
+    """Eval-mode per-sample scores of a batch.
+
+    Returns:
+        ``loss (B,)`` CE w.r.t. the given label (low = the model still fits it), ``pred (B,)`` argmax,
+        ``prob (B,)`` softmax probability of the given label in [0, 1] (high = suspicious after
+        confusion), and ``features (B, D)`` when asked.
+    """
+    model.eval()
+    feats = model.features(x)  # type: ignore[operator]
+    logits = model.head(feats) if hasattr(model, "head") else model(x)  # type: ignore[operator]
+    out = {
+        "loss": F.cross_entropy(logits, y, reduction="none"),
+        "pred": logits.argmax(1),
+        "prob": logits.softmax(1).gather(1, y[:, None])[:, 0],
+    }
+    if with_features:
+        out["features"] = feats
+    return out
