@@ -20,7 +20,7 @@ SOURCES = ("fashion-mnist", "digits", "folder", "cifar10", "gtsrb")
 
 
 def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     for noisy in ("ray", "filelock", "matplotlib", "PIL"):
@@ -28,7 +28,7 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _not_implemented(name: str) -> int:
-    print(f"ctray {name}: not implemented yet", file=sys.stderr)
+    print(f"ctray {name}: not implemented yet (see the open issues)", file=sys.stderr)
     return 2
 
 
@@ -98,6 +98,135 @@ def _parse_kv(items: Sequence[str]) -> dict[str, object]:
     return out
 
 
+# -------------------------------------------------------------------------------------- detect & co
+
+
+def _add_run_options(p: argparse.ArgumentParser, need_io: bool) -> None:
+    if need_io:
+        p.add_argument("--train", action="append", required=True, metavar="SHARDS",
+                       help="suspect shards: dir, glob, brace pattern, s3:// or gs:// (repeatable)")
+        p.add_argument("--clean", action="append", required=True, metavar="SHARDS",
+                       help="trusted clean reserve shards (repeatable)")
+        p.add_argument("--out", required=True, help="run directory (re-running with it resumes)")
+        p.add_argument("--truth", default=None, help="ground truth parquet/csv (shard, key, poison[, cover])")
+    p.add_argument("--preset", default=None, help="named preset (ctray presets); default: chosen from the data")
+    p.add_argument("--config", default=None, help="YAML config (e.g. a sweep's best.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field, e.g. ct.lam=[20,20,20,30,30,15]")
+
+
+def _overrides_from(args: argparse.Namespace) -> dict[str, object]:
+    from ctray.config import parse_overrides
+
+    ov: dict[str, object] = {}
+    if getattr(args, "train", None):
+        ov["io.train"] = list(args.train)
+        ov["io.clean"] = list(args.clean)
+        ov["io.out"] = args.out
+        if args.truth:
+            ov["io.truth"] = args.truth
+    ov.update(parse_overrides(args.overrides))
+    return ov
+
+
+def _print_result(res: object) -> None:
+    from ctray.engine.detect import DetectResult
+
+    assert isinstance(res, DetectResult)
+    line = (f"read {res.n_read} samples: {res.n_usable} usable, {res.n_quarantined} quarantined; "
+            f"flagged {res.n_flagged} (classes {res.cleansed_classes})")
+    print(line)
+    if res.metrics:
+        m = res.metrics["ct"]
+        fmt = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in m.items()}
+        print("metrics: " + ", ".join(f"{k}={fmt[k]}" for k in ("tpr", "fpr", "precision", "f1", "auroc", "auprc")))
+    print(f"wall time {res.seconds.get('total', 0):.0f}s; run directory: {res.run_dir} (report.html)")
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    from ctray.engine.detect import run_detect
+
+    res = run_detect(args.preset, _overrides_from(args), args.config)
+    _print_result(res)
+    return 0
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from ctray.config import load_config
+
+    cfg = load_config(args.preset or None, _overrides_from(args), args.config)
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def _run_presets(args: argparse.Namespace) -> int:
+    from ctray.config import list_presets, load_preset
+
+    for name in list_presets():
+        print(f"{name}: {load_preset(name)}")
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from ctray.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from ctray.config import parse_overrides
+    from ctray.data.poison import poison_dataset
+    from ctray.data.sources import make_dataset
+    from ctray.engine.detect import run_detect
+
+    out = os.path.abspath(args.out)
+    clean_dir, data_dir, run_dir = (os.path.join(out, d) for d in ("fashion-mnist", f"fashion-mnist-{args.attack}", "run"))
+    if not os.path.exists(os.path.join(data_dir, "truth.parquet")):
+        log.info("demo: writing %d real Fashion-MNIST samples as shards to %s", args.n_train, clean_dir)
+        make_dataset("fashion-mnist", clean_dir, n_train=args.n_train, n_clean=args.n_clean, n_test=args.n_test,
+                     shard_size=args.shard_size, seed=args.seed)
+        log.info("demo: planting %s at rate %.3g (target %d) -> %s", args.attack, args.rate, args.target, data_dir)
+        poison_dataset(clean_dir, data_dir, args.attack, rate=args.rate, target=args.target, seed=args.seed, options={})
+    ov: dict[str, object] = {"io.train": [data_dir + "/train-*.tar"], "io.clean": [data_dir + "/clean-*.tar"],
+                             "io.out": run_dir, "io.truth": os.path.join(data_dir, "truth.parquet")}
+    ov.update(parse_overrides(args.overrides))
+    res = run_detect(args.preset, ov, None)
+    _print_result(res)
+    return 0
+
+
+def _add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("detect", help="run Confusion Training over shards and write a run directory")
+    _add_run_options(p, True)
+    p.set_defaults(func=_run_detect)
+    p = sub.add_parser("validate", help="resolve and check a config; print it as YAML")
+    _add_run_options(p, False)
+    p.set_defaults(func=_run_validate)
+    p = sub.add_parser("demo", help="the main job on embedded real data: shard, poison, detect, report")
+    p.add_argument("--out", default="demo-run", help="demo directory (data + run); re-running resumes")
+    p.add_argument("--n-train", type=int, default=10000)
+    p.add_argument("--n-clean", type=int, default=1000)
+    p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--shard-size", type=int, default=2500)
+    p.add_argument("--attack", default="badnet")
+    p.add_argument("--rate", type=float, default=0.01)
+    p.add_argument("--target", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="small")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_run_demo)
+    p = sub.add_parser("report", help="(re)write report.html of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_run_report)
+    p = sub.add_parser("presets", help="list the named presets")
+    p.set_defaults(func=_run_presets)
+    for name, help_ in [("bench", "compare CT with baseline detectors"), ("sweep", "Ray Tune search over CT's knobs")]:
+        p = sub.add_parser(name, help=help_ + " (not implemented yet)")
+        p.set_defaults(func=lambda a, n=name: _not_implemented(n))
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -108,26 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_const", const=0, dest="verbose")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data(sub)
-    for name, help_ in [("demo", "the main job on embedded real data: shard, poison, detect, report"),
-                        ("detect", "run Confusion Training over shards and write a run directory"),
-                        ("bench", "compare CT with baseline detectors"),
-                        ("sweep", "Ray Tune search over CT's knobs"),
-                        ("report", "(re)write report.html of a run directory"),
-                        ("validate", "resolve and check a config without running")]:
-        sub.add_parser(name, help=help_)
+    sub.choices["data"].set_defaults(func=_run_data)
+    _add_commands(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        if args.command == "data":
-            if extra:
-                parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            return _run_data(args)
-        return _not_implemented(args.command)
+        return int(args.func(args))
     except CtrayError as e:
         print(f"ctray {args.command}: error: {e}", file=sys.stderr)
         return 2

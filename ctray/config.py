@@ -109,7 +109,9 @@ class DecideConfig:
 class ScaleConfig:
     """How the Ray Train phases are laid out."""
 
-    num_workers: int = 1  # data-parallel training workers (DDP, gloo on CPU / nccl on GPU)
+    # data-parallel training workers (DDP, gloo on CPU / nccl on GPU); 0 = Ray Train's local mode: the
+    # same loop in the driver process (no worker start-up, ~3 s instead of ~12 s per fit; one machine)
+    num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 0.0  # 0 = auto: what the cluster leaves after Data's share, <= 1 per worker
     gpus_per_worker: float = 1.0
@@ -164,10 +166,10 @@ class Config:
             raise ConfigError(f"data.on_size must be 'quarantine' or 'resize', got {self.data.on_size!r}")
         if self.base.augment not in ("crop-flip", "crop", "none"):
             raise ConfigError(f"base.augment must be crop-flip, crop or none, got {self.base.augment!r}")
-        if self.scale.num_workers < 1:
-            raise ConfigError(f"scale.num_workers must be >= 1, got {self.scale.num_workers}")
+        if self.scale.num_workers < 0:
+            raise ConfigError(f"scale.num_workers must be >= 0 (0 = local mode), got {self.scale.num_workers}")
         for b in (self.ct.batch_size, self.ct.pretrain_batch_size, self.base.batch_size):
-            if b < self.scale.num_workers:
+            if b < max(1, self.scale.num_workers):
                 raise ConfigError(f"batch sizes ({b}) must be >= scale.num_workers ({self.scale.num_workers}):"
                                   " the global batch is split across workers")
         from ctray.models import MODELS

@@ -67,6 +67,8 @@ def _scaling(cfg: Config) -> tuple[Any, int]:
 
     s = cfg.scale
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    if s.num_workers == 0:  # local mode: the loop runs in this process
+        return ray.train.ScalingConfig(num_workers=0), s.torch_threads or max(1, os.cpu_count() or 1)
     per = s.cpus_per_worker or max(0.25, min(float(os.cpu_count() or 1), (cpus - 0.5) / s.num_workers))
     threads = s.torch_threads or max(1, int(round(per)))
     res = {"CPU": per}
@@ -173,18 +175,18 @@ def detect(cfg: Config) -> DetectResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ctray.core.distill import distill, keep_count
     from ctray.core.decide import decide, flag_samples, likelihood_ratios
+    from ctray.core.distill import distill, keep_count
     from ctray.data.reader import read_shards, usable
     from ctray.engine.score import class_projections, collect_scores, score_dataset
-    from ctray.training.loop import BASE, CONFUSED, train_loop_per_worker
+    from ctray.training.loop import CONFUSED, train_loop_per_worker
 
     cfg.validate()
     if not cfg.io.out:
         raise ConfigError("no run directory: give --out (io.out)")
     t_start = time.time()
     secs: dict[str, float] = {}
-    out = cfg.io.out
+    out = cfg.io.out if cio.is_remote(cfg.io.out) else os.path.abspath(cfg.io.out)
     cio.makedirs(out)
     ensure_ray()
     train_paths, clean_paths, spec, n_cls = resolve_inputs(cfg)
@@ -253,8 +255,8 @@ def detect(cfg: Config) -> DetectResult:
     for rs in state["rounds"]:
         round_losses.append(align(np.load(_local(cio.join(out, rs["losses"])))["sid"],
                                   np.load(_local(cio.join(out, rs["losses"])))["loss"]))
-        fbase_ckpt = ray.train.Checkpoint(state["fbase_ckpt"])
-        prev_ckpt = ray.train.Checkpoint(rs["ckpt"])
+        fbase_ckpt = state["fbase_ckpt"]
+        prev_ckpt = rs["ckpt"]
         keep = np.load(_local(cio.join(out, rs["kept"]))) if rs.get("kept") else None
         rounds_info.append(rs["info"])
 
@@ -262,22 +264,22 @@ def detect(cfg: Config) -> DetectResult:
     final_scores: dict[str, np.ndarray] | None = None
     for r in range(len(state["rounds"]), cfg.ct.rounds):
         t = time.monotonic()
+        ckpt = cio.join(out, "checkpoints", f"round_{r}")
         job = {"cfg": cfg_d, "num_classes": C, "round": r, "train_fbase": fbase_ckpt is None,
-               "fbase_ckpt": fbase_ckpt, "prev_base_ckpt": prev_ckpt, "keep": keep}
+               "fbase_ckpt": fbase_ckpt, "prev_base_ckpt": prev_ckpt, "keep": keep, "ckpt_dir": ckpt}
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=job, scaling_config=scaling,
             datasets={"train": d_usable, "reserve": r_usable},
             run_config=ray.train.RunConfig(name=f"round-{r}", storage_path=storage,
                                            failure_config=ray.train.FailureConfig(max_failures=2)))
         result = trainer.fit()
-        ckpt = result.checkpoint
-        if ckpt is None:
-            raise RuntimeError(f"round {r}: training reported no checkpoint")
+        if not cio.exists(cio.join(ckpt, CONFUSED)):
+            raise RuntimeError(f"round {r}: training wrote no checkpoint to {ckpt}")
         fit_s = time.monotonic() - t
         inner = result.return_value or {}
         if fbase_ckpt is None:
             fbase_ckpt = ckpt
-            state["fbase_ckpt"] = ckpt.path
+            state["fbase_ckpt"] = ckpt
         prev_ckpt = ckpt
         final = r == cfg.ct.rounds - 1
         # ---- score ALL of D with confused_r
@@ -292,7 +294,7 @@ def detect(cfg: Config) -> DetectResult:
         score_s = time.monotonic() - t2
         info: dict[str, Any] = {"round": r, "train_seconds": round(fit_s, 2), "score_seconds": round(score_s, 2),
                                 "n_train_set": int(inner.get("n_dr", 0)), "phase_seconds": inner.get("times", {})}
-        rs: dict[str, Any] = {"ckpt": ckpt.path, "losses": f"rounds/round_{r}_losses.npz"}
+        rs: dict[str, Any] = {"ckpt": ckpt, "losses": f"rounds/round_{r}_losses.npz"}
         _save_npz(cio.join(out, rs["losses"]), sid=sc["sid"], loss=sc["loss"])
         if not final:
             keep_n = keep_count(cfg.ct.keep_ratio[r], N)

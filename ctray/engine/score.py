@@ -7,7 +7,6 @@ so penultimate features never reach the driver.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import numpy as np
@@ -23,15 +22,16 @@ class Scorer:
     of the given label in [0, 1] (high = suspicious after confusion training).
     """
 
-    def __init__(self, ckpt: Any, filename: str, arch: str, in_channels: int, num_classes: int, image_size: int,
+    def __init__(self, ckpt: str, filename: str, arch: str, in_channels: int, num_classes: int, image_size: int,
                  mean: float, std: float, with_features: bool = False, threads: int = 1):
         import torch
 
         from ctray.models import build_model
 
         torch.set_num_threads(max(1, threads))
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, filename), map_location="cpu", weights_only=True)
+        from ctray.training.loop import load_weights
+
+        state = load_weights(ckpt, filename)
         self.model = build_model(arch, in_channels, num_classes, image_size)
         self.model.load_state_dict(state)
         self.model.eval()
@@ -52,7 +52,7 @@ class Scorer:
         return res
 
 
-def score_dataset(ds: Any, ckpt: Any, filename: str, arch: str, in_channels: int, num_classes: int,
+def score_dataset(ds: Any, ckpt: str, filename: str, arch: str, in_channels: int, num_classes: int,
                   image_size: int, data_cfg: Any, with_features: bool = False) -> Any:
     """Lazy Ray Dataset of per-sample scores of ``ds`` (columns ``sid, image, label``)."""
     import ray.data

@@ -29,8 +29,15 @@ import torch.distributed as dist
 
 from ctray.models import build_model
 from ctray.progress import Progress
-from ctray.training.steps import (augment, confusion_shift, confusion_step, is_mixed_step, pretrain_step,
-                                  score_batch, to_input)
+from ctray.training.steps import (
+    augment,
+    confusion_shift,
+    confusion_step,
+    is_mixed_step,
+    pretrain_step,
+    score_batch,
+    to_input,
+)
 
 log = logging.getLogger("ctray.train")
 
@@ -115,9 +122,24 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
 
 
-def _load_ckpt(ckpt: Any, filename: str) -> dict[str, torch.Tensor]:
-    with ckpt.as_directory() as d:
-        return torch.load(os.path.join(d, filename), map_location="cpu", weights_only=True)
+def load_weights(ckpt_dir: str, filename: str) -> dict[str, torch.Tensor]:
+    """A state dict saved by the loop under a round's checkpoint directory (local path or URI)."""
+    import io
+
+    from ctray import io as cio
+
+    return torch.load(io.BytesIO(cio.read_bytes(cio.join(ckpt_dir, filename))), map_location="cpu",
+                      weights_only=True)
+
+
+def _save_weights(ckpt_dir: str, filename: str, state: dict[str, torch.Tensor]) -> None:
+    import io
+
+    from ctray import io as cio
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    cio.write_bytes(cio.join(ckpt_dir, filename), buf.getvalue())
 
 
 def _predict(model: torch.nn.Module, data: LocalSet, mean: float, std: float, device: torch.device,
@@ -134,9 +156,12 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     """Run one fit's phases on this worker. ``job`` keys:
 
     ``cfg`` (Config as dict), ``num_classes``, ``round`` (int), ``train_fbase`` (bool), ``fbase_ckpt``,
-    ``prev_base_ckpt`` (ray.train.Checkpoint or None), ``keep`` (int64 sids of D_r, None = all of D).
-    Reports one checkpoint holding ``base.pt`` (pretrained model of the round), ``confused.pt`` and,
-    when trained here, ``fbase.pt``; returns per-phase timings.
+    ``prev_base_ckpt`` (checkpoint directories, local path or URI, or None), ``keep`` (int64 sids of
+    D_r, None = all of D), ``ckpt_dir`` (where this round's weights go).
+    Rank 0 writes ``base.pt`` (pretrained model of the round), ``confused.pt`` and, when trained here,
+    ``fbase.pt`` + ``meta.json`` to ``ckpt_dir`` (the run directory: shared storage on a cluster; Ray
+    Train's local mode does not persist its own checkpoints) and reports the same files to Ray Train.
+    Returns per-phase timings.
     """
     import ray.train
     import ray.train.torch
@@ -201,7 +226,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         run_steps("f_base", fb, opt, full, n_all, base_cfg["batch_size"], base_cfg["epochs"], base_cfg["augment"], sched)
         fbase_state = _state(fb)
     else:
-        fbase_state = _load_ckpt(job["fbase_ckpt"], FBASE)
+        fbase_state = load_weights(job["fbase_ckpt"], FBASE)
         fb = new_model(base_cfg["arch"], 0).to(device)
         fb.load_state_dict(fbase_state)
     base_pred = _predict(fb, reserve, mean, std, device)  # confusion labels come from f_base (§1.4)
@@ -210,7 +235,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     # ---- pretraining base_r on D_r (+ R with labels (y+1) mod C from reserve_in_pretrain_from on)
     model = new_model(ct["arch"], seed + 29).to(device)
     if r > 0 and not ct["pretrain_from_scratch"] and job.get("prev_base_ckpt") is not None:
-        model.load_state_dict(_load_ckpt(job["prev_base_ckpt"], BASE))
+        model.load_state_dict(load_weights(job["prev_base_ckpt"], BASE))
     model = prep(model)
     pre_set = dr
     n_pre = n_dr
@@ -255,13 +280,19 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
         if rank == 0:
-            torch.save(base_state, os.path.join(d, BASE))
-            torch.save(_state(model), os.path.join(d, CONFUSED))
+            from ctray import io as cio
+
+            files = {BASE: base_state, CONFUSED: _state(model)}
             if job.get("train_fbase"):
-                torch.save(fbase_state, os.path.join(d, FBASE))
+                files[FBASE] = fbase_state
+            for name, st in files.items():
+                torch.save(st, os.path.join(d, name))
+                _save_weights(job["ckpt_dir"], name, st)
+            meta = {"round": r, "n_dr": n_dr, "arch": ct["arch"], "base_arch": base_cfg["arch"],
+                    "in_channels": in_ch, "image_size": size, "num_classes": C, "times": times}
             with open(os.path.join(d, "meta.json"), "w") as f:
-                json.dump({"round": r, "n_dr": n_dr, "arch": ct["arch"], "base_arch": base_cfg["arch"],
-                           "in_channels": in_ch, "image_size": size, "num_classes": C, "times": times}, f)
+                json.dump(meta, f)
+            cio.write_json(cio.join(job["ckpt_dir"], "meta.json"), meta)
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report({"round": r, "n_dr": n_dr}, checkpoint=ckpt)
     return {"round": r, "n_dr": n_dr, "times": times, "world": world}

@@ -1,0 +1,76 @@
+"""Config schema, presets and key=value overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctray.config import Config, auto_preset, list_presets, load_config, parse_overrides
+from ctray.errors import ConfigError
+
+
+def test_defaults_are_the_paper_cifar_schedule():
+    c = Config()
+    assert c.ct.rounds == 6
+    assert c.ct.iters == [6000, 6000, 6000, 6000, 2000, 2000]
+    assert c.ct.lr == [0.001, 0.001, 0.001, 0.01, 0.01, 0.01]
+    assert c.ct.lam == [20, 20, 20, 30, 30, 15]
+    assert c.ct.keep_ratio == [1 / 2, 1 / 5, 1 / 25, 1 / 50, 1 / 100]
+    assert c.ct.floor_k == [50, 50, 50, 50, 100]
+    assert c.ct.momentum == 0.7 and c.ct.pretrain_lr == 0.01 and c.ct.batch_size == 32
+    assert c.decide.threshold_max == 1.5 and c.decide.threshold_any == 2.0
+    assert c.ct.reserve_in_pretrain_from == 5
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_validates(name):
+    cfg = load_config(name)
+    assert cfg.preset == name
+    assert len(cfg.ct.iters) == cfg.ct.rounds
+
+
+def test_small_preset_keeps_the_algorithm_shape():
+    ref, small = load_config("reference-cifar"), load_config("small")
+    for f in ("rounds", "keep_ratio", "floor_k", "lam", "batch_factor", "reserve_in_pretrain_from", "momentum"):
+        assert getattr(small.ct, f) == getattr(ref.ct, f), f
+    assert sum(small.ct.iters) < sum(ref.ct.iters)
+
+
+def test_overrides_types_and_indices():
+    cfg = load_config("smoke", parse_overrides(["ct.lam.3=31", "seed=7", "scale.num_workers=2",
+                                                 "ct.lr=[0.1, 0.1, 0.1, 0.1, 0.1, 0.1]", "data.strict=true"]))
+    assert cfg.ct.lam[3] == 31.0 and cfg.seed == 7 and cfg.scale.num_workers == 2 and cfg.data.strict is True
+    assert cfg.ct.lr == [0.1] * 6
+
+
+@pytest.mark.parametrize("item, match", [
+    ("ct.nope=1", "unknown config field"),
+    ("seed=abc", "must be an integer"),
+    ("ct.lam=[20]", "needs 6 entries"),
+    ("ct.keep_ratio=[2, 1, 1, 1, 1]", r"\(0, 1\]"),
+    ("data.on_size=stretch", "on_size"),
+    ("ct.arch=vgg", "not a model"),
+    ("ct.lam.9=1", "out of range"),
+])
+def test_bad_overrides_name_the_field(item, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("smoke", parse_overrides([item]))
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ConfigError, match="known"):
+        load_config("nope")
+
+
+def test_config_file_roundtrip(tmp_path):
+    cfg = load_config("small", {"ct.lam.0": 25})
+    p = tmp_path / "c.yaml"
+    p.write_text(cfg.to_yaml())
+    again = load_config(config_file=str(p))
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_auto_preset():
+    assert auto_preset(28, 10, 10000, False)[0] == "small"
+    assert auto_preset(32, 10, 50000, True)[0] == "reference-cifar"
+    assert auto_preset(64, 1000, 1_000_000, True)[0] == "imagenet64"
+    assert auto_preset(28, 10, 500, False)[0] == "smoke"
