@@ -189,8 +189,10 @@ def _run_demo(args: argparse.Namespace) -> int:
                      shard_size=args.shard_size, seed=args.seed)
         log.info("demo: planting %s at rate %.3g (target %d) -> %s", args.attack, args.rate, args.target, data_dir)
         poison_dataset(clean_dir, data_dir, args.attack, rate=args.rate, target=args.target, seed=args.seed, options={})
+    # local mode by default: one machine, and no ~12 s worker start-up per round (README "Measured figures")
     ov: dict[str, object] = {"io.train": [data_dir + "/train-*.tar"], "io.clean": [data_dir + "/clean-*.tar"],
-                             "io.out": run_dir, "io.truth": os.path.join(data_dir, "truth.parquet")}
+                             "io.out": run_dir, "io.truth": os.path.join(data_dir, "truth.parquet"),
+                             "scale.num_workers": 0}
     ov.update(parse_overrides(args.overrides))
     res = run_detect(args.preset, ov, None)
     _print_result(res)
@@ -249,10 +251,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except CtrayError as e:
-        print(f"ctray {args.command}: error: {e}", file=sys.stderr)
+        # Ray re-raises a worker's DataError as RayTaskError(DataError): print the clean cause
+        print(f"ctray {args.command}: error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        log.exception("ctray %s failed", args.command)
+        return 1
 
 
 if __name__ == "__main__":

@@ -379,3 +379,43 @@ def test_sample_id_stable_and_distinct():
     assert a == S.sample_id("x.tar", "k1") and a != S.sample_id("x.tar", "k2") != S.sample_id("y.tar", "k1")
     ids = S.sample_ids(["x.tar", "x.tar"], ["k1", "k2"])
     assert ids.dtype == np.int64 and ids[0] == a
+
+
+def test_cut_at_every_header_boundary_is_never_silent(tmp_path):
+    """A tar cut exactly at a 512-byte boundary (where tarfile's stream mode just stops) still yields a
+    shard-level row, and every complete sample before the cut is kept."""
+    import numpy as np
+
+    from ctray.data.shards import ImageSpec, ShardWriter, iter_shard
+
+    with ShardWriter(str(tmp_path), "t", 100) as w:
+        for i in range(6):
+            w.write(f"s{i}", np.full((8, 8), i * 20, np.uint8), i % 3)
+    import tarfile
+
+    raw = open(w.paths[0], "rb").read()
+    with tarfile.open(w.paths[0]) as tf:  # where the members end (zero blocks and record padding follow)
+        end = max(m.offset_data + -(-m.size // 512) * 512 for m in tf.getmembers())
+    for cut in range(512, end + 1, 512):
+        p = tmp_path / f"cut{cut}.tar"
+        p.write_bytes(raw[:cut])
+        recs = list(iter_shard(str(p), p.name, ImageSpec(8, 8, 1), 3))
+        assert recs[-1].level == "shard" and recs[-1].reason.startswith("truncated tar"), cut
+        ok_keys = [r.key for r in recs if r.ok]
+        assert ok_keys == [f"s{i}" for i in range(len(ok_keys))], cut
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ctray.data.shards import ImageSpec, decode_image
+
+    a = np.array([[0, 1000], [40000, 65535]], np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    img, reason, _ = decode_image(buf.getvalue(), ImageSpec(2, 2, 1))
+    assert reason == ""
+    assert img[..., 0].tolist() == [[0, 3], [156, 255]]

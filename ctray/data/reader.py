@@ -167,12 +167,12 @@ def _read_shard_group(paths: Sequence[str], ids: Sequence[str], spec: ImageSpec,
                       num_classes: int | None, rows_per_block: int, strict: bool) -> Iterator[pa.Table]:
     """The body of one read task: parse ``paths`` in order, yield tables of <= ``rows_per_block`` rows."""
     builder = _BlockBuilder(spec, rows_per_block)
-    for path, sid in zip(paths, ids, strict=True):
-        for rec in iter_shard(path, sid, spec, num_classes):
-            if strict and rec.level == "shard":
-                raise DataError(f"shard {sid} ({path}): {rec.reason}")
+    for path, shard_id in zip(paths, ids, strict=True):
+        for rec in iter_shard(path, shard_id, spec, num_classes):
             if rec.level == "shard":
-                log.warning("shard %s quarantined: %s", sid, rec.reason)
+                if strict:
+                    raise DataError(f"shard {shard_id} ({path}): {rec.reason}")
+                log.warning("shard %s quarantined: %s", shard_id, rec.reason)
             builder.add(rec)
             if builder.full:
                 yield builder.build()
@@ -225,7 +225,7 @@ class ShardDatasource(Datasource):
             read_fn = functools.partial(
                 _read_shard_group, tuple(group), tuple(self.ids[p] for p in group), self.spec,
                 self.num_classes, self.rows_per_block, self.strict)
-            meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=group)
+            meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=tuple(group))
             tasks.append(ReadTask(read_fn, meta, schema=schema, per_task_row_limit=per_task_row_limit))
         return tasks
 
@@ -295,7 +295,8 @@ def quarantine_table(ds: ray.data.Dataset, *, num_cpus: float = _DEFAULT_OP_CPUS
     ``(shard, key)``. Executes ``ds`` (a full read); only the small string columns reach the driver."""
     q = ds.map_batches(_quarantine_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
                        num_cpus=num_cpus)
-    parts = [b for b in q.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
+    parts: list[pa.Table] = [b for b in q.iter_batches(batch_size=None, batch_format="pyarrow")  # type: ignore[misc]
+                             if len(b)]
     if not parts:
         return pa.table({c: pa.array([], type=pa.string()) for c in QUARANTINE_COLUMNS})
     table = pa.concat_tables(parts)

@@ -195,6 +195,9 @@ def detect(cfg: Config) -> DetectResult:
     t = time.monotonic()
     ds_all = read_shards(train_paths, spec, n_cls, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict).materialize()
     ident = collect_scores(ds_all, ("shard", "key", "sid", "label", "ok", "reason", "level", "note"))
+    # one deterministic sample order for every output and tie-break: (shard, key), not block arrival
+    by_name = np.lexsort((ident["key"].astype(str), ident["shard"].astype(str)))
+    ident = {k: v[by_name] for k, v in ident.items()}
     ok = ident["ok"].astype(bool)
     ds_r = read_shards(clean_paths, spec, n_cls, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict).materialize()
     r_ident = collect_scores(ds_r, ("ok", "label", "reason"))

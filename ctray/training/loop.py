@@ -113,8 +113,10 @@ def _load_local(name: str, keep: np.ndarray | None) -> LocalSet:
             sids.append(s[m])
     if not imgs:
         return LocalSet(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), np.empty(0, np.int64))
-    return LocalSet(torch.from_numpy(np.concatenate(imgs)), torch.from_numpy(np.concatenate(labels)),
-                    np.concatenate(sids))
+    sid = np.concatenate(sids)
+    order = np.argsort(sid, kind="stable")  # block arrival order varies between runs; sid order does not
+    return LocalSet(torch.from_numpy(np.concatenate(imgs)[order]), torch.from_numpy(np.concatenate(labels)[order]),
+                    sid[order])
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
