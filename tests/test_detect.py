@@ -1,7 +1,10 @@
 """End-to-end CT detection on tiny real data (Fashion-MNIST from the Debian package), real local Ray.
 
 Every test here runs the real driver: Ray Data reading, Ray Train fits (local mode or real workers),
-Ray Data scoring and the NumPy decision. Data: 2,000 train samples, 1% poison (20 samples).
+Ray Data scoring and the NumPy decision. Data: 4,000 train samples, 0.5% poison (20 samples). At
+2,000 samples the late distilled sets (N/25 = 80, N/50 = 40) were so small that benign samples got
+memorised like the poison, and detection flipped with the thread count (measured); at 4,000 they
+stay 4-8x the poison.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from ctray.engine.detect import detect
 # Real training runs: a starved box (another job running) can push one past pytest's default 600 s.
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(1200)]
 
-N_TRAIN = 2000
-RATE = 0.01
-# Bounds for 2,000 samples and the `smoke` preset: one wrongly cleansed class of ~200 costs ~1% FPR
-# (seen with seed 1); the README's 10k `small` figures are the ones to quote.
+N_TRAIN = 4000
+RATE = 0.005
+# Bounds for the `smoke` preset on 4,000 samples (measured: TPR 1.0, FPR 0.0); one wrongly cleansed
+# class of ~400 would cost ~1% FPR. The README's 10k `small` figures are the ones to quote.
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +39,7 @@ def fm_base(tmp_path_factory, fmnist_available):
     from ctray.data.sources import make_dataset
 
     d = str(tmp_path_factory.mktemp("fm") / "base")
-    make_dataset("fashion-mnist", d, n_train=N_TRAIN, n_clean=500, n_test=200, shard_size=500, seed=0)
+    make_dataset("fashion-mnist", d, n_train=N_TRAIN, n_clean=500, n_test=200, shard_size=1000, seed=0)
     return d
 
 
@@ -129,8 +132,12 @@ def test_detects_badnet_one_real_worker_with_bad_input(fm_badnet, tmp_path):
     assert shards["samples"].sum() == N_TRAIN and shards["flagged"].sum() == res.n_flagged
 
 
+@pytest.mark.slow
 def test_detects_badnet_two_workers_ddp(fm_badnet, tmp_path):
-    """The same loop on 2 Ray Train workers (DDP over gloo; global batch split across ranks)."""
+    """The same loop on 2 Ray Train workers (DDP over gloo; global batch split across ranks).
+
+    Slow (make test-all): a real-worker fit costs ~20 s of start-up here, x6 rounds, and the fast suite
+    must stay under 15 minutes; the 1-worker test covers real worker processes in `make test`."""
     res = detect(_cfg(fm_badnet, str(tmp_path / "run"), **{"scale.num_workers": 2}))
     m = res.metrics["ct"]
     assert m["tpr"] >= 0.8, m
@@ -152,9 +159,16 @@ def test_detects_blend_10k_small_preset(fm10k_blend, tmp_path):
     assert m["fpr"] <= 0.01, m
 
 
-def test_no_attack_flags_almost_nothing(fm_base, tmp_path):
-    res = detect(_cfg(fm_base, str(tmp_path / "run"), truth=False))
-    assert res.n_flagged <= 0.01 * N_TRAIN, res.cleansed_classes
+def test_no_attack_flags_almost_nothing(tmp_path, fmnist_available):
+    """No poison (2,000 clean samples; no detection to hold, so the smaller set suffices)."""
+    if not fmnist_available:
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    from ctray.data.sources import make_dataset
+
+    d = str(tmp_path / "clean")
+    make_dataset("fashion-mnist", d, n_train=2000, n_clean=500, n_test=100, shard_size=1000, seed=1)
+    res = detect(_cfg(d, str(tmp_path / "run"), truth=False))
+    assert res.n_flagged <= 0.01 * 2000, res.cleansed_classes
     assert res.metrics is None
 
 
