@@ -312,7 +312,7 @@ def detect(cfg: Config) -> DetectResult:
                      len(kept_idx), N, f" ({info['kept_poison']} poison)" if truth is not None else "")
         else:
             t3 = time.monotonic()
-            proj = class_projections(scored, cfg.data.read_cpus)
+            proj = class_projections(scored, C, cfg.data.read_cpus)
             final_scores = {"pred": align(sc["sid"], sc["pred"]), "prob": align(sc["sid"], sc["prob"]),
                             "proj_x": align(proj["sid"], proj["proj_x"]), "proj_y": align(proj["sid"], proj["proj_y"])}
             info["decide_seconds"] = round(time.monotonic() - t3, 2)
@@ -327,7 +327,7 @@ def detect(cfg: Config) -> DetectResult:
         scored = score_dataset(d_usable, prev_ckpt, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data,
                                with_features=True).materialize()
         sc = collect_scores(scored)
-        proj = class_projections(scored, cfg.data.read_cpus)
+        proj = class_projections(scored, C, cfg.data.read_cpus)
         final_scores = {"pred": align(sc["sid"], sc["pred"]), "prob": align(sc["sid"], sc["prob"]),
                         "proj_x": align(proj["sid"], proj["proj_x"]), "proj_y": align(proj["sid"], proj["proj_y"])}
 

@@ -77,18 +77,55 @@ def collect_scores(scored: Any, columns: tuple[str, ...] = ("sid", "loss", "pred
     return {c: (np.concatenate(v) if v else np.empty(0)) for c, v in parts.items()}
 
 
-def _project_group(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-class task: centre the class's features and project them on its top-2 principal axes."""
-    from ctray.core.projection import class_projection
+class _Moments:
+    """``map_batches`` combiner: per-batch per-class feature moments, one row per batch (pickled)."""
 
-    proj = class_projection(group["features"].astype(np.float64), k=2)
-    return {"sid": group["sid"], "proj_x": proj[:, 0].astype(np.float32), "proj_y": proj[:, 1].astype(np.float32)}
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import pickle
+
+        from ctray.core.pca import FeatureMoments
+
+        feats = np.asarray(batch["features"], dtype=np.float64)
+        m = FeatureMoments.zeros(self.num_classes, feats.shape[1])
+        m.update(feats, np.asarray(batch["label"], dtype=np.int64))
+        return {"moments": np.array([pickle.dumps(m)], dtype=object)}
 
 
-def class_projections(scored_with_features: Any, num_cpus: float) -> dict[str, np.ndarray]:
-    """Within-class 2-D PCA projections of every sample, one ``map_groups`` task per class (the
-    decision's PCA is per class, so classes are independent; specs/ct.md §2 (d)). Returns
-    ``{"sid", "proj_x", "proj_y"}`` arrays on the driver."""
-    grouped = scored_with_features.select_columns(["sid", "label", "features"]).groupby("label")
-    projected = grouped.map_groups(_project_group, batch_format="numpy", num_cpus=num_cpus)
+def _project_batch(batch: dict[str, np.ndarray], axes: np.ndarray, means: np.ndarray) -> dict[str, np.ndarray]:
+    from ctray.core.pca import project
+
+    proj = project(np.asarray(batch["features"], dtype=np.float64), np.asarray(batch["label"], dtype=np.int64),
+                   axes, means)
+    return {"sid": batch["sid"], "proj_x": proj[:, 0].astype(np.float32), "proj_y": proj[:, 1].astype(np.float32)}
+
+
+def class_projections(scored_with_features: Any, num_classes: int, num_cpus: float) -> dict[str, np.ndarray]:
+    """Within-class 2-D PCA projections of every sample (the decision's first step, specs/ct.md §1.6).
+
+    Two streaming passes over the materialized scores, no shuffle: (1) per-batch per-class moments
+    (count, sum, outer products; ``ctray.core.pca.FeatureMoments``, associative merge) summed on the
+    driver, whose top-2 eigenvectors per class are the principal axes; (2) each sample projected on
+    its class's axes. The driver receives C x D x D moments per batch and 2 floats per sample, never the
+    features. Returns ``{"sid", "proj_x", "proj_y"}``.
+    """
+    import pickle
+
+    from ctray.core.pca import FeatureMoments
+
+    feats = scored_with_features.select_columns(["sid", "label", "features"])
+    total: FeatureMoments | None = None
+    moments = feats.map_batches(_Moments, fn_constructor_kwargs={"num_classes": num_classes}, batch_size=4096,
+                                batch_format="numpy", num_cpus=num_cpus)
+    for b in moments.iter_batches(batch_size=None, batch_format="numpy"):
+        for blob in b["moments"]:
+            m = pickle.loads(blob)
+            total = m if total is None else total.merge(m)
+    if total is None:
+        raise RuntimeError("no features to project (empty scored dataset)")
+    axes, means = total.principal_axes(2), total.means()
+    projected = feats.map_batches(_project_batch, fn_kwargs={"axes": axes, "means": means}, batch_size=4096,
+                                  batch_format="numpy", num_cpus=num_cpus)
     return collect_scores(projected, ("sid", "proj_x", "proj_y"))
