@@ -199,6 +199,65 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    from ctray.config import load_config, parse_overrides
+    from ctray.engine.train import train_model
+
+    ov: dict[str, object] = {"io.train": list(args.train)}
+    ov.update(parse_overrides(args.overrides))
+    cfg = load_config(args.preset or "small", ov, args.config)
+    exclude = None
+    if args.exclude:
+        from ctray import io as cio
+
+        t = cio.read_parquet(args.exclude).to_pandas()
+        for col in ("flagged", "poison"):  # a run's scores.parquet / a truth.parquet: leave out those rows
+            if col in t.columns:
+                t = t[t[col].astype(bool)]
+                break
+        exclude = list(zip(t["shard"].astype(str), t["key"].astype(str), strict=True))
+    res = train_model(cfg, args.out, exclude=exclude)
+    print(json.dumps({"ckpt": res.ckpt, "n_train": res.n_train, "n_excluded": res.n_excluded,
+                      "seconds": round(res.seconds, 1)}))
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from ctray.engine.train import evaluate
+
+    res = evaluate(args.model, args.test, args.triggered, args.target)
+    d = res.to_dict()
+    if args.json:
+        print(json.dumps({"acc": d["acc"], "asr": d["asr"]}))
+    else:
+        acc = "-" if d["acc"] is None else f"{d['acc']:.4f}"
+        asr = "-" if d["asr"] is None else f"{d['asr']:.4f}"
+        print(f"acc {acc} on {d['n_test']} test samples; asr {asr} on {d['n_triggered']} triggered samples"
+              f" ({d['n_quarantined']} quarantined)")
+    return 0
+
+
+def _add_train_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a plain model (f_base's recipe, cfg.base) on shards")
+    p.add_argument("--train", action="append", required=True, metavar="SHARDS", help="train shards (repeatable)")
+    p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file to write (.pt)")
+    p.add_argument("--exclude", default=None, metavar="PARQUET",
+                   help="leave out samples: a run's scores.parquet (its flagged rows), a truth.parquet (its poison rows) "
+                   "or any shard,key table")
+    p.add_argument("--preset", default=None, help="preset whose base.* recipe to use (default: small)")
+    p.add_argument("--config", default=None, help="YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. base.epochs=20 base.arch=resnet18")
+    p.set_defaults(func=_run_train)
+    p = sub.add_parser("evaluate", help="clean accuracy and attack success rate of a checkpoint")
+    p.add_argument("--model", required=True, metavar="CKPT")
+    p.add_argument("--test", action="append", default=None, metavar="SHARDS", help="clean test shards")
+    p.add_argument("--triggered", action="append", default=None, metavar="SHARDS",
+                   help="triggered test shards (ctray data poison writes test-triggered-*.tar)")
+    p.add_argument("--target", type=int, default=None, help="attack target when the shards' .json name none")
+    p.add_argument("--json", action="store_true", help='print {"acc": ..., "asr": ...}')
+    p.set_defaults(func=_run_evaluate)
+
+
 def _add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("detect", help="run Confusion Training over shards and write a run directory")
     _add_run_options(p, True)
@@ -219,6 +278,7 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_run_demo)
+    _add_train_eval(sub)
     p = sub.add_parser("report", help="(re)write report.html of a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=_run_report)

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ctray.models import build_model
+from ctray.models.checkpoint import ModelSpec, load_state, save_model
 from ctray.progress import Progress
 from ctray.training.steps import (
     augment,
@@ -125,23 +126,10 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_weights(ckpt_dir: str, filename: str) -> dict[str, torch.Tensor]:
-    """A state dict saved by the loop under a round's checkpoint directory (local path or URI)."""
-    import io
-
+    """The state dict saved by the loop under a round's checkpoint directory (local path or URI)."""
     from ctray import io as cio
 
-    return torch.load(io.BytesIO(cio.read_bytes(cio.join(ckpt_dir, filename))), map_location="cpu",
-                      weights_only=True)
-
-
-def _save_weights(ckpt_dir: str, filename: str, state: dict[str, torch.Tensor]) -> None:
-    import io
-
-    from ctray import io as cio
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    cio.write_bytes(cio.join(ckpt_dir, filename), buf.getvalue())
+    return load_state(cio.join(ckpt_dir, filename))
 
 
 def _predict(model: torch.nn.Module, data: LocalSet, mean: float, std: float, device: torch.device,
@@ -157,18 +145,23 @@ def _predict(model: torch.nn.Module, data: LocalSet, mean: float, std: float, de
 def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     """Run one fit's phases on this worker. ``job`` keys:
 
-    ``cfg`` (Config as dict), ``num_classes``, ``round`` (int), ``train_fbase`` (bool), ``fbase_ckpt``,
-    ``prev_base_ckpt`` (checkpoint directories, local path or URI, or None), ``keep`` (int64 sids of
-    D_r, None = all of D), ``ckpt_dir`` (where this round's weights go).
-    Rank 0 writes ``base.pt`` (pretrained model of the round), ``confused.pt`` and, when trained here,
-    ``fbase.pt`` + ``meta.json`` to ``ckpt_dir`` (the run directory: shared storage on a cluster; Ray
-    Train's local mode does not persist its own checkpoints) and reports the same files to Ray Train.
-    Returns per-phase timings.
+    ``cfg`` (Config as dict), ``num_classes``, ``mode`` (``"ct"``, the default: one CT round;
+    ``"train"``: f_base's recipe only, for ``ctray train`` and retraining on a cleansed set), ``round``
+    (int), ``train_fbase`` (bool), ``fbase_ckpt``, ``prev_base_ckpt`` (checkpoint directories, local path
+    or URI, or None), ``keep`` (int64 sids of D_r, None = all of D), ``ckpt_dir`` (where this round's
+    weights go); in ``"train"`` mode ``model_out`` (the checkpoint file to write) and ``extra`` (its
+    provenance dict).
+
+    In ``"ct"`` mode rank 0 writes ``base.pt`` (pretrained model of the round), ``confused.pt`` and, when
+    trained here, ``fbase.pt`` + ``meta.json`` to ``ckpt_dir`` (the run directory: shared storage on a
+    cluster; Ray Train's local mode does not persist its own checkpoints) and reports the same files to
+    Ray Train. All checkpoints are :mod:`ctray.models.checkpoint` files. Returns per-phase timings.
     """
     import ray.train
     import ray.train.torch
 
-    cfg, C, r = job["cfg"], int(job["num_classes"]), int(job["round"])
+    cfg, C, r = job["cfg"], int(job["num_classes"]), int(job.get("round", 0))
+    mode = job.get("mode", "ct")
     ct, base_cfg, data_cfg, scale = cfg["ct"], cfg["base"], cfg["data"], cfg["scale"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -181,16 +174,19 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
 
     full = _load_local("train", None)
-    reserve = _load_local("reserve", None)
+    reserve = _load_local("reserve", None) if mode == "ct" else None
     keep = job.get("keep")
     dr = full.subset(np.isin(full.sids, keep)) if keep is not None else full
     n_dr = int(_allreduce_sum(torch.tensor([len(dr)]))[0])
     times["load"] = time.monotonic() - t0
-    if len(dr) == 0 or len(reserve) == 0:
-        raise RuntimeError(f"worker {rank}: empty local share (D_r {len(dr)}, reserve {len(reserve)}); "
-                           "use fewer workers for this data size")
+    if len(dr) == 0 or (reserve is not None and len(reserve) == 0):
+        raise RuntimeError(f"worker {rank}: empty local share (D_r {len(dr)}, reserve "
+                           f"{len(reserve) if reserve is not None else '-'}); use fewer workers for this data size")
     in_ch = int(full.images.shape[3])
     size = int(full.images.shape[1])
+
+    def spec_of(arch: str) -> ModelSpec:
+        return ModelSpec(arch, in_ch, C, size, float(mean), float(std))
 
     def new_model(arch: str, seed_: int) -> torch.nn.Module:
         torch.manual_seed(seed_)  # same init on every rank (DDP also broadcasts rank 0's)
@@ -218,19 +214,29 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
                 sched.step()
         times[name] = prog.close()
 
-    # ---- f_base: plain training on all of D, with augmentation (its predictions label the confusion batch)
-    if job.get("train_fbase"):
+    # ---- f_base: plain training on all of D, with augmentation (its predictions label the confusion batch).
+    # "train" mode runs this recipe alone, on D or on the kept subset (retraining on a cleansed set).
+    if job.get("train_fbase") or mode == "train":
         fb = prep(new_model(base_cfg["arch"], seed + 17).to(device))
         opt = torch.optim.SGD(fb.parameters(), lr=base_cfg["lr"], momentum=base_cfg["momentum"],
                               weight_decay=base_cfg["weight_decay"])
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, base_cfg["milestones"], base_cfg["gamma"])
-        n_all = int(_allreduce_sum(torch.tensor([len(full)]))[0])
-        run_steps("f_base", fb, opt, full, n_all, base_cfg["batch_size"], base_cfg["epochs"], base_cfg["augment"], sched)
+        fit_set = dr if mode == "train" else full
+        n_fit = int(_allreduce_sum(torch.tensor([len(fit_set)]))[0])
+        run_steps("f_base" if mode == "ct" else "train", fb, opt, fit_set, n_fit, base_cfg["batch_size"],
+                  base_cfg["epochs"], base_cfg["augment"], sched)
         fbase_state = _state(fb)
+        if mode == "train":
+            if rank == 0:
+                save_model(job["model_out"], fbase_state, spec_of(base_cfg["arch"]),
+                           {**(job.get("extra") or {}), "n_train": n_fit, "times": times})
+            ray.train.report({"n_train": n_fit})
+            return {"n_train": n_fit, "times": times, "world": world}
     else:
         fbase_state = load_weights(job["fbase_ckpt"], FBASE)
         fb = new_model(base_cfg["arch"], 0).to(device)
         fb.load_state_dict(fbase_state)
+    assert reserve is not None
     base_pred = _predict(fb, reserve, mean, std, device)  # confusion labels come from f_base (§1.4)
     del fb
 
@@ -284,12 +290,13 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             from ctray import io as cio
 
-            files = {BASE: base_state, CONFUSED: _state(model)}
+            files = {BASE: (base_state, ct["arch"]), CONFUSED: (_state(model), ct["arch"])}
             if job.get("train_fbase"):
-                files[FBASE] = fbase_state
-            for name, st in files.items():
-                torch.save(st, os.path.join(d, name))
-                _save_weights(job["ckpt_dir"], name, st)
+                files[FBASE] = (fbase_state, base_cfg["arch"])
+            for name, (st, arch) in files.items():
+                extra = {"round": r, "phase": name[:-3], "n_dr": n_dr}
+                save_model(os.path.join(d, name), st, spec_of(arch), extra)
+                save_model(cio.join(job["ckpt_dir"], name), st, spec_of(arch), extra)
             meta = {"round": r, "n_dr": n_dr, "arch": ct["arch"], "base_arch": base_cfg["arch"],
                     "in_channels": in_ch, "image_size": size, "num_classes": C, "times": times}
             with open(os.path.join(d, "meta.json"), "w") as f:
