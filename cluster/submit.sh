@@ -39,6 +39,8 @@ fi
 command="$1"
 shift
 
+# `ray job submit` quotes each entrypoint word for the head's shell (shlex.join on Linux): globs, braces
+# and spaces reach ctray unchanged.
 cmd=(ray job submit --address "$address" --working-dir "$repo" --runtime-env "$here/runtime_env.yaml"
      "${extra[@]}" -- python -m ctray.cli "$command" "$@")
 if [[ $dry_run -eq 1 ]]; then

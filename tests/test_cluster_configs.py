@@ -150,16 +150,20 @@ def test_submit_script_syntax_help_and_dry_run():
     assert subprocess.run(["bash", "-n", os.path.join(CLUSTER, "submit.sh")]).returncode == 0
     h = _submit("--help")
     assert h.returncode == 0 and "ray job submit" in h.stdout and "COMMAND" in h.stdout
-    d = _submit("--dry-run", "--address", "http://10.0.0.5:8265", "detect", "--train", "s3://b/train-{000000..000009}.tar",
-                "--out", "s3://r/run 1", "scale.num_workers=4")
+    args = ["detect", "--train", "s3://b/train-{000000..000009}.tar", "--clean", "/d/clean-*.tar", "--out",
+            "s3://r/run-$USER", "ct.lam=[20,15]", "scale.num_workers=4"]
+    d = _submit("--dry-run", "--address", "http://10.0.0.5:8265", *args)
     assert d.returncode == 0, d.stderr
     argv = shlex.split(d.stdout)
     assert argv[:5] == ["ray", "job", "submit", "--address", "http://10.0.0.5:8265"]
     assert argv[argv.index("--working-dir") + 1] == REPO
     assert argv[argv.index("--runtime-env") + 1] == os.path.join(CLUSTER, "runtime_env.yaml")
-    sep = argv.index("--")
-    assert argv[sep + 1:] == ["python", "-m", "ctray.cli", "detect", "--train", "s3://b/train-{000000..000009}.tar",
-                              "--out", "s3://r/run 1", "scale.num_workers=4"]  # passed through, quoting intact
+    entry = argv[argv.index("--") + 1:]
+    assert entry[:3] == ["python", "-m", "ctray.cli"]
+    # ray job submit quotes the words with shlex.join for the head's shell: every argument arrives as given
+    assert shlex.split(shlex.join(entry))[3:] == args
+    spaced = _submit("--dry-run", "detect", "--out", "/runs/my run")
+    assert shlex.split(spaced.stdout)[-1] == "/runs/my run"
     env = dict(os.environ, RAY_API_SERVER_ADDRESS="http://head:8265")
     assert shlex.split(_submit("--dry-run", "sweep", env=env).stdout)[4] == "http://head:8265"
     assert _submit().returncode == 2
