@@ -116,6 +116,13 @@ class ScaleConfig:
     cpus_per_worker: float = 0.0  # 0 = auto: what the cluster leaves after Data's share, <= 1 per worker
     gpus_per_worker: float = 1.0
     torch_threads: int = 0  # 0 = auto: cpus_per_worker rounded down, >= 1
+    # steps between in-round Ray Train checkpoints with worker processes (on top of one after f_base and
+    # one after pretraining): a killed worker redoes at most this many steps. Each one uploads model +
+    # optimizer state (~90 MB for ResNet-18); 2000 is ~1.3 epochs of the reference pretraining (1,563
+    # steps/epoch) and 1/3 of a reference confusion round. 0 = phase boundaries only. Local mode
+    # (num_workers=0) writes none: there the driver is the only process, and reruns resume per round.
+    checkpoint_every: int = 2000
+    max_failures: int = 2  # worker-group restarts per round's fit before the run fails (Ray Train FailureConfig)
 
 
 @dataclass
@@ -166,6 +173,9 @@ class Config:
             raise ConfigError(f"data.on_size must be 'quarantine' or 'resize', got {self.data.on_size!r}")
         if self.base.augment not in ("crop-flip", "crop", "none"):
             raise ConfigError(f"base.augment must be crop-flip, crop or none, got {self.base.augment!r}")
+        if self.scale.checkpoint_every < 0 or self.scale.max_failures < 0:
+            raise ConfigError(f"scale.checkpoint_every and scale.max_failures must be >= 0, got "
+                              f"{self.scale.checkpoint_every} and {self.scale.max_failures}")
         if self.scale.num_workers < 0:
             raise ConfigError(f"scale.num_workers must be >= 0 (0 = local mode), got {self.scale.num_workers}")
         for b in (self.ct.batch_size, self.ct.pretrain_batch_size, self.base.batch_size):

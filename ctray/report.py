@@ -48,18 +48,19 @@ def write_report(run_dir: str, top_k: int = TOP_K) -> str:
     """Write ``run_dir/report.html`` (and ``run_dir/plots/*.png``) for a finished or partial run.
 
     Args:
-        run_dir: local run directory holding at least ``run.json`` and ``scores.parquet``.
+        run_dir: run directory holding at least ``run.json`` and ``scores.parquet``: a local path, or an
+            ``s3://`` / ``gs://`` URI (its result files are staged in a temporary directory, the page is
+            written there and uploaded with its plots; credentials from the environment).
         top_k: number of most suspicious samples (highest ``score``) shown as thumbnails.
 
     Returns:
-        The path of the written ``report.html``.
+        The path (or URI) of the written ``report.html``.
 
     Raises:
-        DataError: ``run_dir`` is a remote URI, or ``run.json`` / ``scores.parquet`` is missing or
-            unreadable.
+        DataError: ``run.json`` / ``scores.parquet`` is missing or unreadable.
     """
     if "://" in run_dir:
-        raise DataError(f"write_report needs a local run directory, got {run_dir!r}; copy it locally first")
+        return _write_remote_report(run_dir, top_k)
     run = _read_required_json(os.path.join(run_dir, "run.json"))
     scores_path = os.path.join(run_dir, "scores.parquet")
     try:
@@ -647,6 +648,38 @@ def _section_roc(page: _Page, d: _RunData) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # top-k thumbnails
+
+
+_RESULT_FILES = ("run.json", "scores.parquet", "decisions.json", "rounds.json", "metrics.json", "shards.parquet",
+                 "quarantine.parquet")
+
+
+def _write_remote_report(run_dir: str, top_k: int) -> str:
+    """Stage a remote run directory's result files locally, write the page, upload page + plots."""
+    import tempfile
+
+    from ctray import io as cio
+
+    with tempfile.TemporaryDirectory(prefix="ctray-report-") as parent:
+        tmp = os.path.join(parent, run_dir.rstrip("/").rsplit("/", 1)[-1] or "run")  # the page title names it
+        os.makedirs(tmp)
+        for name in _RESULT_FILES:
+            src = cio.join(run_dir, name)
+            if cio.exists(src):
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(cio.read_bytes(src))
+            elif name in ("run.json", "scores.parquet"):
+                raise DataError(f"{src} is missing: cannot write a report for {run_dir}")
+        local = write_report(tmp, top_k)
+        with open(local, "rb") as f:
+            cio.write_bytes(cio.join(run_dir, REPORT_NAME), f.read())
+        plots = os.path.join(tmp, PLOTS_DIR)
+        for name in sorted(os.listdir(plots)):
+            with open(os.path.join(plots, name), "rb") as f:
+                cio.write_bytes(cio.join(run_dir, PLOTS_DIR, name), f.read())
+    out = cio.join(run_dir, REPORT_NAME)
+    log.info("uploaded %s", out)
+    return out
 
 
 def _shard_path_map(run: dict[str, Any], run_dir: str) -> dict[str, str]:

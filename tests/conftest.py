@@ -32,3 +32,12 @@ def ray_session():
 @pytest.fixture(scope="session")
 def fmnist_available() -> bool:
     return os.path.exists(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on a free 127.0.0.1 port for the whole session;
+    see tests/s3server.py for why moto. Yields an :class:`s3server.S3Server` (endpoint, env, boto3 helpers)."""
+    from s3server import serve
+
+    yield from serve()

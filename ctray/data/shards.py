@@ -253,30 +253,39 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
 
 
 def _expand_remote(uri: str) -> list[str]:
+    """List an ``s3://`` / ``gs://`` directory, glob or object (pyarrow filesystems, credentials and
+    endpoint from the environment). Glob characters ``* ? [`` may appear in any path component; the
+    listing starts at the last directory before the first one (recursive when a later component holds
+    one) and ``fnmatch`` filters the full paths."""
     import fnmatch
 
+    import pyarrow as pa
     from pyarrow import fs as pafs
 
-    scheme = uri.split("://", 1)[0]
-    filesystem, path = pafs.FileSystem.from_uri(uri.split("*")[0].rsplit("/", 1)[0] + "/"
-                                                if "*" in uri else uri)
-    if any(ch in uri for ch in "*?["):
-        base = path
-        pattern = uri.split("://", 1)[1]
-        sel = pafs.FileSelector(base, recursive=False)
-        found = [f"{scheme}://{i.path}" for i in filesystem.get_file_info(sel)
-                 if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern)]
-        if not found:
-            raise DataError(f"pattern {uri} matches no object")
-        return sorted(found)
-    info = filesystem.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        sel = pafs.FileSelector(path, recursive=False)
-        found = [f"{scheme}://{i.path}" for i in filesystem.get_file_info(sel)
-                 if i.type == pafs.FileType.File and i.path.endswith(".tar")]
-        if not found:
-            raise DataError(f"{uri} holds no *.tar shards")
-        return sorted(found)
+    scheme, rest = uri.split("://", 1)
+    wild = next((i for i, ch in enumerate(rest) if ch in "*?["), None)
+    try:
+        if wild is not None:
+            base = rest[:wild].rsplit("/", 1)[0]
+            # from_uri would read '?' as the start of a query string: build the filesystem from the base only
+            filesystem, base_path = pafs.FileSystem.from_uri(f"{scheme}://{base}")
+            sel = pafs.FileSelector(base_path.rstrip("/"), recursive="/" in rest[wild:], allow_not_found=True)
+            found = [f"{scheme}://{i.path}" for i in filesystem.get_file_info(sel)
+                     if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, rest)]
+            if not found:
+                raise DataError(f"pattern {uri} matches no object")
+            return sorted(found)
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(path.rstrip("/"))
+        if info.type == pafs.FileType.Directory:
+            sel = pafs.FileSelector(path.rstrip("/"), recursive=False)
+            found = [f"{scheme}://{i.path}" for i in filesystem.get_file_info(sel)
+                     if i.type == pafs.FileType.File and i.path.endswith(".tar")]
+            if not found:
+                raise DataError(f"{uri} holds no *.tar shards")
+            return sorted(found)
+    except (OSError, pa.ArrowException) as e:  # no such bucket, no credentials, endpoint unreachable
+        raise DataError(f"cannot list {uri}: {e}") from e
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"shard {uri} does not exist")
     return [uri]

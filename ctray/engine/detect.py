@@ -54,8 +54,10 @@ def ensure_ray() -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(log_to_driver=True, logging_level=logging.WARNING)
     # Ray's helper processes (e.g. Train's placement-group cleaner) call a bare ray.init(): point them at
-    # this cluster, or they fail when another local Ray runs on the same machine.
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    # this cluster, or they fail when another local Ray runs on the same machine. RAY_ADDRESS=local (a
+    # private local Ray although a `ray start` cluster runs here) would make them start new ones.
+    if os.environ.get("RAY_ADDRESS", "") in ("", "local"):
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
 
@@ -256,11 +258,12 @@ def detect(cfg: Config) -> DetectResult:
     rounds_info: list[dict[str, Any]] = []
     fbase_ckpt = prev_ckpt = None
     for rs in state["rounds"]:
-        round_losses.append(align(np.load(_local(cio.join(out, rs["losses"])))["sid"],
-                                  np.load(_local(cio.join(out, rs["losses"])))["loss"]))
+        saved = _load_npz(cio.join(out, rs["losses"]))
+        _check_scored(saved["sid"], sorted_sids, f"{rs['losses']} (round {rs['info']['round']})")
+        round_losses.append(align(saved["sid"], saved["loss"]))
         fbase_ckpt = state["fbase_ckpt"]
         prev_ckpt = rs["ckpt"]
-        keep = np.load(_local(cio.join(out, rs["kept"]))) if rs.get("kept") else None
+        keep = _load_npy(cio.join(out, rs["kept"])) if rs.get("kept") else None
         rounds_info.append(rs["info"])
 
     truth = load_truth(cfg.io.truth, shards_ok, keys_ok) if cfg.io.truth else None
@@ -268,18 +271,28 @@ def detect(cfg: Config) -> DetectResult:
     for r in range(len(state["rounds"]), cfg.ct.rounds):
         t = time.monotonic()
         ckpt = cio.join(out, "checkpoints", f"round_{r}")
+        # in-round checkpoints only with worker processes: local mode has no worker to lose (ray-notes §4)
+        every = cfg.scale.checkpoint_every if cfg.scale.num_workers > 0 else None
         job = {"cfg": cfg_d, "num_classes": C, "round": r, "train_fbase": fbase_ckpt is None,
-               "fbase_ckpt": fbase_ckpt, "prev_base_ckpt": prev_ckpt, "keep": keep, "ckpt_dir": ckpt}
+               "fbase_ckpt": fbase_ckpt, "prev_base_ckpt": prev_ckpt, "keep": keep, "ckpt_dir": ckpt,
+               "checkpoint_every": every}
+        # A failed worker group is restarted up to max_failures times; the loop then continues from the
+        # latest in-round checkpoint (ctray.training.loop). num_to_keep=1: only the latest is ever read.
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=job, scaling_config=scaling,
             datasets={"train": d_usable, "reserve": r_usable},
-            run_config=ray.train.RunConfig(name=f"round-{r}", storage_path=storage,
-                                           failure_config=ray.train.FailureConfig(max_failures=2)))
+            run_config=ray.train.RunConfig(
+                name=f"round-{r}", storage_path=storage,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
         result = trainer.fit()
         if not cio.exists(cio.join(ckpt, CONFUSED)):
             raise RuntimeError(f"round {r}: training wrote no checkpoint to {ckpt}")
         fit_s = time.monotonic() - t
         inner = result.return_value or {}
+        if inner.get("resumed_from"):
+            log.warning("round %d: Ray Train restarted the training workers after a failure; they resumed from "
+                        "the checkpoint at %s (fit took %.1fs in all)", r + 1, inner["resumed_from"], fit_s)
         if fbase_ckpt is None:
             fbase_ckpt = ckpt
             state["fbase_ckpt"] = ckpt
@@ -292,11 +305,13 @@ def detect(cfg: Config) -> DetectResult:
         if final:
             scored = scored.materialize()  # features stay in the object store for the per-class PCA
         sc = collect_scores(scored)
+        _check_scored(sc["sid"], sorted_sids, f"scoring pass of round {r + 1}")
         losses = align(sc["sid"], sc["loss"])
         round_losses.append(losses)
         score_s = time.monotonic() - t2
         info: dict[str, Any] = {"round": r, "train_seconds": round(fit_s, 2), "score_seconds": round(score_s, 2),
-                                "n_train_set": int(inner.get("n_dr", 0)), "phase_seconds": inner.get("times", {})}
+                                "n_train_set": int(inner.get("n_dr", 0)), "phase_seconds": inner.get("times", {}),
+                                "resumed_from": inner.get("resumed_from")}
         rs: dict[str, Any] = {"ckpt": ckpt, "losses": f"rounds/round_{r}_losses.npz"}
         _save_npz(cio.join(out, rs["losses"]), sid=sc["sid"], loss=sc["loss"])
         if not final:
@@ -313,6 +328,7 @@ def detect(cfg: Config) -> DetectResult:
         else:
             t3 = time.monotonic()
             proj = class_projections(scored, C, cfg.data.read_cpus)
+            _check_scored(proj["sid"], sorted_sids, "final projection pass")
             final_scores = {"pred": align(sc["sid"], sc["pred"]), "prob": align(sc["sid"], sc["prob"]),
                             "proj_x": align(proj["sid"], proj["proj_x"]), "proj_y": align(proj["sid"], proj["proj_y"])}
             info["decide_seconds"] = round(time.monotonic() - t3, 2)
@@ -328,6 +344,8 @@ def detect(cfg: Config) -> DetectResult:
                                with_features=True).materialize()
         sc = collect_scores(scored)
         proj = class_projections(scored, C, cfg.data.read_cpus)
+        _check_scored(sc["sid"], sorted_sids, "final rescoring pass")
+        _check_scored(proj["sid"], sorted_sids, "final projection pass")
         final_scores = {"pred": align(sc["sid"], sc["pred"]), "prob": align(sc["sid"], sc["prob"]),
                         "proj_x": align(proj["sid"], proj["proj_x"]), "proj_y": align(proj["sid"], proj["proj_y"])}
 
@@ -390,28 +408,48 @@ def detect(cfg: Config) -> DetectResult:
                                     "shard_failures": int((~sample_rows).sum()),
                                     "converted": int((ident["note"][ok].astype(str) != "").sum()),
                                     "flagged": int(flagged.sum())}})
-    if not cio.is_remote(out):
-        try:
-            from ctray.report import write_report
+    try:
+        from ctray.report import write_report
 
-            write_report(out)
-        except Exception:  # the report is a view; a plotting failure must not lose the run's results
-            log.exception("report.html could not be written; results are in %s", out)
+        write_report(out)  # a remote run directory is staged locally and the page uploaded
+    except Exception:  # the report is a view; a plotting failure must not lose the run's results
+        log.exception("report.html could not be written; results are in %s", out)
     fl = np.flatnonzero(flagged)
     return DetectResult(run_dir=out, n_read=n_read, n_usable=N, n_quarantined=n_quar, n_flagged=int(flagged.sum()),
                         flagged_keys=[(shards_ok[i], keys_ok[i]) for i in fl],
                         cleansed_classes=np.flatnonzero(cleansed).tolist(), metrics=metrics, seconds=secs)
 
 
-def _local(path: str) -> str:
-    if cio.is_remote(path):
-        import tempfile
+def _check_scored(got: np.ndarray, sorted_sids: np.ndarray, what: str) -> None:
+    """Every usable sample exactly once: a Ray Data task retried after a failure must neither drop nor
+    repeat rows (Ray Data replaces a failed task's output; this guards that contract).
 
-        tmp = tempfile.NamedTemporaryFile(delete=False, suffix=os.path.splitext(path)[1])
-        tmp.write(cio.read_bytes(path))
-        tmp.close()
-        return tmp.name
-    return path
+    Raises:
+        RuntimeError: naming the pass and how many ids are missing, repeated or unknown.
+    """
+    got = np.sort(np.asarray(got, dtype=np.int64))
+    if len(got) == len(sorted_sids) and np.array_equal(got, sorted_sids):
+        return
+    uniq, counts = np.unique(got, return_counts=True)
+    missing = int(len(np.setdiff1d(sorted_sids, uniq, assume_unique=True)))
+    unknown = int(len(np.setdiff1d(uniq, sorted_sids, assume_unique=True)))
+    repeated = int((counts > 1).sum())
+    raise RuntimeError(f"{what}: got {len(got)} rows for {len(sorted_sids)} usable samples ({missing} missing, "
+                       f"{repeated} repeated, {unknown} unknown sample ids); refusing to write scores")
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    """All arrays of an .npz at a local path or URI (read into memory: no temporary file)."""
+    import io
+
+    with np.load(io.BytesIO(cio.read_bytes(path))) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _load_npy(path: str) -> np.ndarray:
+    import io
+
+    return np.load(io.BytesIO(cio.read_bytes(path)))
 
 
 def _save_npz(path: str, **arrays: np.ndarray) -> None:

@@ -9,6 +9,13 @@ holds is |D_r| / num_workers images, uint8: rounds after the first shrink it to 
 Schedule: every step count is global. An epoch has ``ceil(|set| / global_batch)`` steps on every
 worker; the confusion shift s_t and the mixed-vs-confusion-only decision are functions of the global
 step t; every worker agrees by construction (no communication needed for it).
+
+Fault tolerance: with worker processes, the loop reports a Ray Train checkpoint at every phase boundary
+(after f_base, after pretraining) and every ``checkpoint_every`` steps inside a phase, holding the
+models, the optimizer (and lr scheduler) state, the step counter and every rank's sampler and
+augmentation generator state. When Ray Train restarts a failed worker group, the loop reads
+``ray.train.get_checkpoint()`` and continues from that position; with the same data shares (always
+for one worker) the continuation is the same computation as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -45,6 +52,12 @@ log = logging.getLogger("ctray.train")
 FBASE = "fbase.pt"
 BASE = "base.pt"
 CONFUSED = "confused.pt"
+#: In-round Ray Train checkpoint files: rank 0's models/optimizer, every rank's samplers, a description.
+TRAIN_STATE = "train_state.pt"
+RANK_STATE = "rank_{}.pt"
+CKPT_META = "meta.json"
+#: The phases of one fit, in order; a checkpoint position is (phase, steps done in it).
+PHASES = ("f_base", "pretrain", "confusion")
 
 
 @dataclass
@@ -84,6 +97,23 @@ class Sampler:
             self.pos += take
             need -= take
         return torch.cat(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`next` depends on: generator state, current permutation, position."""
+        return {"n": self.n, "batch": self.batch, "gen": self.gen.get_state(), "perm": self.perm.clone(),
+                "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the sampler that produced ``state`` stopped.
+
+        Raises:
+            ValueError: ``state`` belongs to a sampler over another set size or batch size.
+        """
+        if int(state["n"]) != self.n or int(state["batch"]) != self.batch:
+            raise ValueError(f"sampler state for n={state['n']}, batch={state['batch']} does not fit "
+                             f"n={self.n}, batch={self.batch}")
+        self.gen.set_state(state["gen"])
+        self.perm, self.pos = state["perm"].clone(), int(state["pos"])
 
 
 def local_batch(global_batch: int, rank: int, world: int) -> int:
@@ -142,6 +172,92 @@ def _predict(model: torch.nn.Module, data: LocalSet, mean: float, std: float, de
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
+@dataclass
+class Resume:
+    """A position restored from an in-round Ray Train checkpoint.
+
+    ``phase`` (one of :data:`PHASES`) had done ``step`` steps, or ``phase == "done"`` when the whole
+    fit had finished. ``shared`` holds rank 0's tensors (``fbase``, ``base``, ``model``, ``opt``,
+    ``sched``; for ``done`` the bytes of the round's weight files by name), ``own`` this rank's sampler and
+    generator states (None when the checkpoint has none for this rank), ``meta`` the description.
+    """
+
+    phase: str
+    step: int
+    shared: dict[str, Any]
+    own: dict[str, Any] | None
+    meta: dict[str, Any]
+
+    def steps_done(self, phase: str) -> int | None:
+        """Steps already done in ``phase``: 0 when it starts afresh, None when it is complete."""
+        if self.phase == "done":
+            return None
+        have, want = PHASES.index(self.phase), PHASES.index(phase)
+        return None if want < have else (self.step if want == have else 0)
+
+    def describe(self) -> str:
+        return "the finished fit" if self.phase == "done" else f"{self.phase} step {self.step}"
+
+
+def read_resume(rank: int) -> Resume | None:
+    """The latest checkpoint Ray Train hands this worker (``ray.train.get_checkpoint()``), or None on a
+    first attempt. Tensors are loaded with ``weights_only=True``."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        with open(os.path.join(d, CKPT_META)) as f:
+            meta = json.load(f)
+
+        def load(name: str) -> Any:
+            return torch.load(os.path.join(d, name), map_location="cpu", weights_only=True)
+
+        if meta.get("phase") == "done":
+            files = {}  # the round's weight files (ctray checkpoints), copied byte for byte
+            for n in (BASE, CONFUSED, FBASE):
+                if os.path.exists(os.path.join(d, n)):
+                    with open(os.path.join(d, n), "rb") as fh:
+                        files[n] = fh.read()
+            return Resume("done", 0, files, None, meta)
+        own_path = os.path.join(d, RANK_STATE.format(rank))
+        own = load(RANK_STATE.format(rank)) if os.path.exists(own_path) else None
+        return Resume(str(meta["phase"]), int(meta["step"]), load(TRAIN_STATE), own, meta)
+
+
+def _report_position(r: int, rank: int, phase: str, step: int, shared: Any, own: dict[str, Any]) -> None:
+    """Report an in-round checkpoint; every rank calls this at the same global step (a barrier).
+
+    Rank 0 writes ``shared()`` (models, optimizer, scheduler) and ``meta.json``; each rank writes its own
+    sampler/generator states; Ray Train merges the ranks' files into one checkpoint directory.
+    """
+    import ray
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            torch.save(shared(), os.path.join(d, TRAIN_STATE))
+            meta = {"round": r, "phase": phase, "step": step, "pid": os.getpid(),
+                    "node": ray.get_runtime_context().get_node_id(), "time": time.time()}
+            with open(os.path.join(d, CKPT_META), "w") as f:
+                json.dump(meta, f)
+        torch.save(own, os.path.join(d, RANK_STATE.format(rank)))
+        ray.train.report({"round": r, "phase": phase, "step": step},
+                         checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _restore_sampler(sampler: Sampler, own: dict[str, Any] | None, name: str, rank: int) -> None:
+    st = (own or {}).get("samplers", {}).get(name)
+    if st is None:
+        log.warning("[w%d] no saved state for sampler %r: it starts afresh", rank, name)
+        return
+    try:
+        sampler.load_state_dict(st)
+    except ValueError as e:  # another data share after the restart (N workers): same schedule, new order
+        log.warning("[w%d] sampler %r starts afresh: %s", rank, name, e)
+
+
 def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     """Run one fit's phases on this worker. ``job`` keys:
 
@@ -149,16 +265,21 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     ``"train"``: f_base's recipe only, for ``ctray train`` and retraining on a cleansed set), ``round``
     (int), ``train_fbase`` (bool), ``fbase_ckpt``, ``prev_base_ckpt`` (checkpoint directories, local path
     or URI, or None), ``keep`` (int64 sids of D_r, None = all of D), ``ckpt_dir`` (where this round's
-    weights go); in ``"train"`` mode ``model_out`` (the checkpoint file to write) and ``extra`` (its
-    provenance dict).
+    weights go), ``checkpoint_every`` (steps between in-round Ray Train checkpoints; 0 = phase boundaries
+    only; None = none, for local mode); in ``"train"`` mode ``model_out`` (the checkpoint file to write)
+    and ``extra`` (its provenance dict).
 
     In ``"ct"`` mode rank 0 writes ``base.pt`` (pretrained model of the round), ``confused.pt`` and, when
     trained here, ``fbase.pt`` + ``meta.json`` to ``ckpt_dir`` (the run directory: shared storage on a
     cluster; Ray Train's local mode does not persist its own checkpoints) and reports the same files to
-    Ray Train. All checkpoints are :mod:`ctray.models.checkpoint` files. Returns per-phase timings.
+    Ray Train. All weight files are :mod:`ctray.models.checkpoint` files. A restarted worker continues
+    from ``ray.train.get_checkpoint()`` (module docstring).
+    Returns per-phase timings, and ``resumed_from`` (a position, or None on an uninterrupted fit).
     """
     import ray.train
     import ray.train.torch
+
+    from ctray import io as cio
 
     cfg, C, r = job["cfg"], int(job["num_classes"]), int(job.get("round", 0))
     mode = job.get("mode", "ct")
@@ -170,8 +291,24 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device() if scale["use_gpu"] else torch.device("cpu")
     mean, std = data_cfg["mean"], data_cfg["std"]
     seed = int(cfg["seed"]) * 1000 + r
+    every = job.get("checkpoint_every")
     times: dict[str, float] = {}
     t0 = time.monotonic()
+
+    resume = read_resume(rank)
+    if resume is not None:
+        log.warning("[w%d] round %d: restarted by Ray Train; resuming from the checkpoint at %s (written by pid %s)",
+                    rank, r, resume.describe(), resume.meta.get("pid"))
+        if resume.phase == "done":  # the fit had finished; make sure the round's files are in place
+            if rank == 0:
+                for name, blob in resume.shared.items():
+                    cio.write_bytes(cio.join(job["ckpt_dir"], name), blob)
+                cio.write_json(cio.join(job["ckpt_dir"], CKPT_META), resume.meta)
+            return {"round": r, "n_dr": resume.meta.get("n_dr", 0), "times": resume.meta.get("times", {}),
+                    "world": world, "resumed_from": resume.describe()}
+
+    def done_in(phase: str) -> int | None:
+        return 0 if resume is None else resume.steps_done(phase)
 
     full = _load_local("train", None)
     reserve = _load_local("reserve", None) if mode == "ct" else None
@@ -184,6 +321,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
                            f"{len(reserve) if reserve is not None else '-'}); use fewer workers for this data size")
     in_ch = int(full.images.shape[3])
     size = int(full.images.shape[1])
+    held: dict[str, Any] = {"fbase": None, "base": None}  # finished phases' weights, carried by later checkpoints
 
     def spec_of(arch: str) -> ModelSpec:
         return ModelSpec(arch, in_ch, C, size, float(mean), float(std))
@@ -195,45 +333,84 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     def prep(m: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(m) if world > 1 or scale["use_gpu"] else m
 
-    def run_steps(name: str, model: torch.nn.Module, opt: torch.optim.Optimizer, data: LocalSet, n_global: int,
-                  global_bs: int, epochs: int, aug: str, sched: Any = None) -> None:
+    def save(phase: str, step: int, model: torch.nn.Module | None = None, opt: Any = None, sched: Any = None,
+             samplers: dict[str, Sampler] | None = None, gen: torch.Generator | None = None) -> None:
+        if every is None:
+            return
+
+        def shared() -> dict[str, Any]:
+            return {"fbase": held["fbase"] if job.get("train_fbase") else None, "base": held["base"],
+                    "model": _state(model) if model is not None else None,
+                    "opt": opt.state_dict() if opt is not None else None,
+                    "sched": sched.state_dict() if sched is not None else None}
+
+        own = {"samplers": {k: v.state_dict() for k, v in (samplers or {}).items()},
+               "gen": gen.get_state() if gen is not None else None}
+        _report_position(r, rank, phase, step, shared, own)
+
+    def restore(model: torch.nn.Module, start: int) -> torch.nn.Module:
+        """Load the checkpoint's mid-phase model weights (before DDP wrapping) when resuming a phase."""
+        if start and resume is not None:
+            model.load_state_dict(resume.shared["model"])
+        return model
+
+    def restore_opt(opt: Any, sched: Any, start: int) -> None:
+        if start and resume is not None:
+            opt.load_state_dict(resume.shared["opt"])
+            if sched is not None:
+                sched.load_state_dict(resume.shared["sched"])
+
+    def run_steps(name: str, phase: str, model: torch.nn.Module, opt: torch.optim.Optimizer, data: LocalSet,
+                  n_global: int, global_bs: int, epochs: int, aug: str, sched: Any = None, start: int = 0) -> None:
         steps_per_epoch = math.ceil(n_global / global_bs)
         total = steps_per_epoch * epochs
         sampler = Sampler(len(data), local_batch(global_bs, rank, world), seed * 7919 + rank + zlib.crc32(name.encode()) % 997)
         gen = torch.Generator().manual_seed(seed + rank)
-        prog = Progress(log, f"[w{rank}] {name}", total, "steps")
-        for _ in range(epochs):
-            for _ in range(steps_per_epoch):
-                idx = sampler.next()
-                imgs = data.images[idx]
-                if aug != "none":
-                    imgs = augment(imgs, aug, gen)
-                pretrain_step(model, opt, to_input(imgs.to(device), mean, std), data.labels[idx].to(device))
-                prog.update()
-            if sched is not None:
+        if start and resume is not None:
+            _restore_sampler(sampler, resume.own, "main", rank)
+            if (resume.own or {}).get("gen") is not None:
+                gen.set_state(resume.own["gen"])
+        prog = Progress(log, f"[w{rank}] {name}", total - start, "steps")
+        for s in range(start, total):
+            idx = sampler.next()
+            imgs = data.images[idx]
+            if aug != "none":
+                imgs = augment(imgs, aug, gen)
+            pretrain_step(model, opt, to_input(imgs.to(device), mean, std), data.labels[idx].to(device))
+            prog.update()
+            if sched is not None and (s + 1) % steps_per_epoch == 0:
                 sched.step()
+            if every and (s + 1) % every == 0 and s + 1 < total:
+                save(phase, s + 1, model, opt, sched, {"main": sampler}, gen)
         times[name] = prog.close()
 
     # ---- f_base: plain training on all of D, with augmentation (its predictions label the confusion batch).
     # "train" mode runs this recipe alone, on D or on the kept subset (retraining on a cleansed set).
-    if job.get("train_fbase") or mode == "train":
-        fb = prep(new_model(base_cfg["arch"], seed + 17).to(device))
+    start = done_in("f_base")
+    if (job.get("train_fbase") or mode == "train") and start is not None:
+        fb = prep(restore(new_model(base_cfg["arch"], seed + 17), start).to(device))
         opt = torch.optim.SGD(fb.parameters(), lr=base_cfg["lr"], momentum=base_cfg["momentum"],
                               weight_decay=base_cfg["weight_decay"])
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, base_cfg["milestones"], base_cfg["gamma"])
+        restore_opt(opt, sched, start)
         fit_set = dr if mode == "train" else full
         n_fit = int(_allreduce_sum(torch.tensor([len(fit_set)]))[0])
-        run_steps("f_base" if mode == "ct" else "train", fb, opt, fit_set, n_fit, base_cfg["batch_size"],
-                  base_cfg["epochs"], base_cfg["augment"], sched)
-        fbase_state = _state(fb)
+        run_steps("f_base" if mode == "ct" else "train", "f_base", fb, opt, fit_set, n_fit, base_cfg["batch_size"],
+                  base_cfg["epochs"], base_cfg["augment"], sched, start)
+        fbase_state = held["fbase"] = _state(fb)
         if mode == "train":
             if rank == 0:
                 save_model(job["model_out"], fbase_state, spec_of(base_cfg["arch"]),
                            {**(job.get("extra") or {}), "n_train": n_fit, "times": times})
             ray.train.report({"n_train": n_fit})
-            return {"n_train": n_fit, "times": times, "world": world}
+            return {"n_train": n_fit, "times": times, "world": world, "resumed_from": None}
+        save("pretrain", 0)
     else:
-        fbase_state = load_weights(job["fbase_ckpt"], FBASE)
+        if job.get("train_fbase"):
+            assert resume is not None  # start is None only past f_base
+            fbase_state = held["fbase"] = resume.shared["fbase"]
+        else:
+            fbase_state = load_weights(job["fbase_ckpt"], FBASE)
         fb = new_model(base_cfg["arch"], 0).to(device)
         fb.load_state_dict(fbase_state)
     assert reserve is not None
@@ -241,23 +418,34 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     del fb
 
     # ---- pretraining base_r on D_r (+ R with labels (y+1) mod C from reserve_in_pretrain_from on)
-    model = new_model(ct["arch"], seed + 29).to(device)
-    if r > 0 and not ct["pretrain_from_scratch"] and job.get("prev_base_ckpt") is not None:
-        model.load_state_dict(load_weights(job["prev_base_ckpt"], BASE))
-    model = prep(model)
-    pre_set = dr
-    n_pre = n_dr
-    if r >= ct["reserve_in_pretrain_from"]:
-        shifted = LocalSet(reserve.images, (reserve.labels + 1) % C, reserve.sids)
-        pre_set = LocalSet(torch.cat([dr.images, shifted.images]), torch.cat([dr.labels, shifted.labels]),
-                           np.concatenate([dr.sids, shifted.sids]))
-        n_pre = int(_allreduce_sum(torch.tensor([len(pre_set)]))[0])
-    opt = torch.optim.SGD(model.parameters(), lr=ct["pretrain_lr"], momentum=ct["pretrain_momentum"],
-                          weight_decay=ct["pretrain_weight_decay"])
-    run_steps(f"pretrain r{r}", model, opt, pre_set, n_pre, ct["pretrain_batch_size"], ct["pretrain_epochs"][r], "none")
-    base_state = _state(model)
+    start = done_in("pretrain")
+    model = new_model(ct["arch"], seed + 29)
+    if start is None:  # pretraining was finished before the restart: its result is in the checkpoint
+        assert resume is not None
+        held["base"] = base_state = resume.shared["base"]
+        model.load_state_dict(resume.shared["model"] if resume.steps_done("confusion") else base_state)
+        model = prep(model.to(device))
+    else:
+        if r > 0 and not ct["pretrain_from_scratch"] and job.get("prev_base_ckpt") is not None:
+            model.load_state_dict(load_weights(job["prev_base_ckpt"], BASE))
+        model = prep(restore(model, start).to(device))
+        pre_set = dr
+        n_pre = n_dr
+        if r >= ct["reserve_in_pretrain_from"]:
+            shifted = LocalSet(reserve.images, (reserve.labels + 1) % C, reserve.sids)
+            pre_set = LocalSet(torch.cat([dr.images, shifted.images]), torch.cat([dr.labels, shifted.labels]),
+                               np.concatenate([dr.sids, shifted.sids]))
+            n_pre = int(_allreduce_sum(torch.tensor([len(pre_set)]))[0])
+        opt = torch.optim.SGD(model.parameters(), lr=ct["pretrain_lr"], momentum=ct["pretrain_momentum"],
+                              weight_decay=ct["pretrain_weight_decay"])
+        restore_opt(opt, None, start)
+        run_steps(f"pretrain r{r}", "pretrain", model, opt, pre_set, n_pre, ct["pretrain_batch_size"],
+                  ct["pretrain_epochs"][r], "none", None, start)
+        held["base"] = base_state = _state(model)
+        save("confusion", 0)
 
     # ---- confusion training confused_r from base_r
+    start = done_in("confusion") or 0
     final = r == ct["rounds"] - 1
     counts = _allreduce_sum(torch.bincount(dr.labels, minlength=C).to(torch.float64))
     if final or ct["uniform_class_weights"]:
@@ -266,12 +454,16 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         w = (1.0 / torch.sqrt(counts / counts.sum() + 0.001)).to(torch.float32)
     w = w.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=ct["lr"][r], momentum=ct["momentum"], weight_decay=ct["weight_decay"])
+    restore_opt(opt, None, start)
     lb = local_batch(ct["batch_size"], rank, world)
     conf_s = Sampler(len(reserve), lb, seed * 31 + rank)
     insp_s = Sampler(len(dr), lb, seed * 37 + rank)
+    if start and resume is not None:
+        _restore_sampler(conf_s, resume.own, "conf", rank)
+        _restore_sampler(insp_s, resume.own, "insp", rank)
     lam, bf, iters = float(ct["lam"][r]), int(ct["batch_factor"][r]), int(ct["iters"][r])
-    prog = Progress(log, f"[w{rank}] confusion r{r}", iters, "steps")
-    for t in range(iters):
+    prog = Progress(log, f"[w{rank}] confusion r{r}", iters - start, "steps")
+    for t in range(start, iters):
         ci = conf_s.next()
         xc = to_input(reserve.images[ci].to(device), mean, std)
         yc = ((base_pred[ci] + confusion_shift(t, C)) % C).to(device)
@@ -282,14 +474,14 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         else:
             confusion_step(model, opt, xc, yc, None, None, None, lam)
         prog.update()
+        if every and (t + 1) % every == 0 and t + 1 < iters:
+            save("confusion", t + 1, model, opt, None, {"conf": conf_s, "insp": insp_s})
     times[f"confusion r{r}"] = prog.close()
 
     # ---- report one checkpoint (rank 0 writes it; every rank calls report)
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
         if rank == 0:
-            from ctray import io as cio
-
             files = {BASE: (base_state, ct["arch"]), CONFUSED: (_state(model), ct["arch"])}
             if job.get("train_fbase"):
                 files[FBASE] = (fbase_state, base_cfg["arch"])
@@ -297,11 +489,13 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
                 extra = {"round": r, "phase": name[:-3], "n_dr": n_dr}
                 save_model(os.path.join(d, name), st, spec_of(arch), extra)
                 save_model(cio.join(job["ckpt_dir"], name), st, spec_of(arch), extra)
-            meta = {"round": r, "n_dr": n_dr, "arch": ct["arch"], "base_arch": base_cfg["arch"],
-                    "in_channels": in_ch, "image_size": size, "num_classes": C, "times": times}
-            with open(os.path.join(d, "meta.json"), "w") as f:
+            meta = {"round": r, "phase": "done", "n_dr": n_dr, "arch": ct["arch"], "base_arch": base_cfg["arch"],
+                    "in_channels": in_ch, "image_size": size, "num_classes": C, "times": times,
+                    "pid": os.getpid()}
+            with open(os.path.join(d, CKPT_META), "w") as f:
                 json.dump(meta, f)
-            cio.write_json(cio.join(job["ckpt_dir"], "meta.json"), meta)
+            cio.write_json(cio.join(job["ckpt_dir"], CKPT_META), meta)
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report({"round": r, "n_dr": n_dr}, checkpoint=ckpt)
-    return {"round": r, "n_dr": n_dr, "times": times, "world": world}
+    return {"round": r, "n_dr": n_dr, "times": times, "world": world,
+            "resumed_from": resume.describe() if resume is not None else None}
