@@ -73,9 +73,11 @@ def test_spectral_signature_finds_planted_cluster():
     assert int(out.flagged.sum()) == sum(min(k, int((labels == c).sum()) // 2) for c in range(C))
     m = detection_metrics(out.flagged, poison, out.score)
     assert m["tpr"] == 1.0 and m["auroc"] > 0.99
-    # score = squared projection / class top eigenvalue: mean 1 in every class
+    # score = squared centred projection; its class mean is the class's top eigenvalue
     for c in range(C):
-        assert out.score[labels == c].mean() == pytest.approx(1.0)
+        assert out.score[labels == c] == pytest.approx(z[labels == c] ** 2)
+        ev = np.linalg.eigvalsh(np.cov(x[labels == c], rowvar=False, ddof=0))[-1]
+        assert out.info["classes"][c]["top_eigenvalue"] == pytest.approx(ev)
     assert [d["k"] for d in out.info["classes"]] == [30] * C
 
 

@@ -124,10 +124,9 @@ def spectral_signature(top_projection: np.ndarray, labels: np.ndarray, num_class
         rate: poison-rate budget (see :func:`ss_budget`).
 
     Returns:
-        score = squared projection divided by the class's mean squared projection (the top
-        eigenvalue): the same order as the reference within a class, comparable across classes
-        (>= 0, higher = more suspicious). Flags: the ``k`` highest scores of every class (ties by
-        position).
+        score = the squared projection (>= 0, higher = more suspicious; the reference's score). It
+        is ranked within each class for the flags; across classes (AUROC) its scale follows each
+        class's spread. Flags: the ``k`` highest scores of every class (ties by position).
     """
     lab = check_labels(labels, num_classes)
     z = _matrix(np.asarray(top_projection).reshape(-1, 1), "top_projection", lab.size)[:, 0]
@@ -140,14 +139,12 @@ def spectral_signature(top_projection: np.ndarray, labels: np.ndarray, num_class
         if idx.size == 0:
             per_class.append({"class": c, "n": 0, "k": 0})
             continue
-        sq = z[idx] ** 2
-        lam = float(sq.mean())
-        score[idx] = sq / lam if lam > 0 else 0.0
+        score[idx] = z[idx] ** 2
         k = ss_budget(rate, n, idx.size)
         if k:
             top = idx[np.argsort(-score[idx], kind="stable")[:k]]
             flagged[top] = True
-        per_class.append({"class": c, "n": int(idx.size), "k": int(k), "top_eigenvalue": lam})
+        per_class.append({"class": c, "n": int(idx.size), "k": int(k), "top_eigenvalue": float(score[idx].mean())})
     return BaselineOutput(score, flagged, {"rate": float(rate), "classes": per_class})
 
 
