@@ -42,10 +42,10 @@ test-all: install
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 bench-read: install
-	$(PY) -m ctray.bench.read
+	$(PY) -m ctray.benchmarks.read
 
 bench-ct: install
-	$(PY) -m ctray.bench.ct
+	$(PY) -m ctray.benchmarks.ct
 
 lint: install
 	$(VENV)/bin/ruff check ctray tests
