@@ -471,8 +471,8 @@ def _markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
         head += ["acc", "ASR"]
     lines = [f"# ctray bench: {', '.join(meta.get('methods', []))}", "",
              f"Preset `{meta.get('preset')}`; overrides `{' '.join(f'{k}={v}' for k, v in meta.get('overrides', {}).items()) or '-'}`; "
-             f"poison rate {meta.get('rate')} (target {meta.get('target')}) for grid cells; wall time of the last "
-             f"call {meta.get('seconds')} s. Cover samples count as clean; `none` = no attack (FPR = flag rate). "
+             f"poison rate {meta.get('rate')} (target {meta.get('target')}) for grid cells; wall time of the call "
+             f"that wrote this file {meta.get('seconds')} s (a resumed call counts only its own work). Cover samples count as clean; `none` = no attack (FPR = flag rate). "
              "CT's time includes training f_base; the baselines reuse that f_base (their time is the feature / "
              "entropy passes and their own math).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
