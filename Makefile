@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test test-all bench-read bench-ct lint clean data-package
+.PHONY: install demo test test-all bench bench-read bench-ct lint clean data-package
 
 install: $(STAMP) data-package
 
@@ -41,11 +41,20 @@ test: install
 test-all: install
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
+# CT against SS / AC / STRIP / SCAn over every shipped attack + no attack on Fashion-MNIST 10k, with
+# retraining (docs/bench.md). Long on a 2-core CPU box; resumable: rerun to continue. BENCH_ARGS adds options.
+BENCH_DIR ?= bench-run
+bench: install
+	@test -f $(BENCH_DIR)/fashion-mnist/manifest.json || $(VENV)/bin/ctray data fashion-mnist \
+	  --out $(BENCH_DIR)/fashion-mnist --n-train 10000 --n-clean 1000 --n-test 2000 --shard-size 2500
+	$(VENV)/bin/ctray bench --base $(BENCH_DIR)/fashion-mnist --attacks all --out $(BENCH_DIR)/grid \
+	  --preset small --retrain scale.num_workers=0 bench.strip_n=20 $(BENCH_ARGS)
+
 bench-read: install
-	$(PY) -m ctray.bench.read
+	$(PY) -m ctray.benchmarks.read
 
 bench-ct: install
-	$(PY) -m ctray.bench.ct
+	$(PY) -m ctray.benchmarks.ct
 
 lint: install
 	$(VENV)/bin/ruff check ctray tests

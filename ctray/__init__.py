@@ -1,5 +1,20 @@
 """ctray: find backdoor-poisoned samples in image training sets with Confusion Training, on Ray."""
 
+from __future__ import annotations
+
+from typing import Any
+
 from ctray._version import __version__
 
-__all__ = ["__version__"]
+__all__ = ["BenchResult", "__version__", "bench"]
+
+# Imported on first use, so that `import ctray` (and every CLI start) stays free of pyarrow/Ray imports.
+_LAZY = {"bench": "ctray.engine.bench", "BenchResult": "ctray.engine.bench"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ctray' has no attribute {name!r}")

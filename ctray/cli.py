@@ -258,6 +258,52 @@ def _add_train_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_evaluate)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="compare CT with baseline detectors (SS, AC, STRIP, SCAn) on one data set "
+                       "or a grid of attacks; writes bench.parquet, bench.md, bench.png")
+    g = p.add_argument_group("one data set")
+    g.add_argument("--train", action="append", metavar="SHARDS", help="suspect shards (repeatable)")
+    g.add_argument("--clean", action="append", metavar="SHARDS", help="trusted clean reserve shards (repeatable)")
+    g.add_argument("--truth", default=None, help="ground truth parquet/csv (shard, key, poison[, cover])")
+    g.add_argument("--test", action="append", default=None, metavar="SHARDS",
+                   help="clean test shards for --retrain (default: test-0*.tar beside the train shards)")
+    g.add_argument("--triggered", action="append", default=None, metavar="SHARDS",
+                   help="triggered test shards for --retrain (default: test-triggered-*.tar beside them)")
+    g.add_argument("--name", default=None, help="row label (default: the truth's attack, else 'data')")
+    g = p.add_argument_group("grid over attacks")
+    g.add_argument("--base", default=None, metavar="DATA_DIR", help="a clean set made by `ctray data`")
+    g.add_argument("--attacks", default=None, help="comma list of attacks, or 'all'; a 'none' cell is added")
+    g.add_argument("--rate", type=float, default=0.01, help="poison rate of every attack")
+    g.add_argument("--target", type=int, default=0, help="attack target class")
+    g.add_argument("--seed", type=int, default=0, help="poisoning seed")
+    p.add_argument("--out", required=True, help="bench directory (re-running with it skips finished work)")
+    p.add_argument("--methods", default="ct,ss,ac,strip,scan", help="comma list of ct, ss, ac, strip, scan")
+    p.add_argument("--preset", default=None, help="preset for every cell (default: chosen from the data)")
+    p.add_argument("--retrain", action="store_true",
+                   help="retrain on each method's kept samples and report acc / asr (one training per method)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. bench.strip_n=20")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from ctray.config import parse_overrides
+    from ctray.engine.bench import bench
+
+    if args.attacks and not args.base:
+        from ctray.errors import ConfigError
+
+        raise ConfigError("--attacks needs --base DATA_DIR")
+    res = bench(args.out, train=args.train, clean=args.clean, truth=args.truth, test=args.test,
+                triggered=args.triggered, name=args.name, base=args.base, attacks=args.attacks or "all",
+                rate=args.rate, target=args.target, poison_seed=args.seed,
+                methods=[m.strip() for m in args.methods.split(",") if m.strip()], preset=args.preset,
+                overrides=parse_overrides(args.overrides), retrain=args.retrain)
+    with open(res.markdown) as f:
+        print(f.read(), end="")
+    print(f"wall time {res.seconds:.0f}s; {res.parquet}, {res.markdown}, {res.plot}")
+    return 0
+
+
 def _add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("detect", help="run Confusion Training over shards and write a run directory")
     _add_run_options(p, True)
@@ -284,7 +330,8 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_report)
     p = sub.add_parser("presets", help="list the named presets")
     p.set_defaults(func=_run_presets)
-    for name, help_ in [("bench", "compare CT with baseline detectors"), ("sweep", "Ray Tune search over CT's knobs")]:
+    _add_bench(sub)
+    for name, help_ in [("sweep", "Ray Tune search over CT's knobs")]:
         p = sub.add_parser(name, help=help_ + " (not implemented yet)")
         p.set_defaults(func=lambda a, n=name: _not_implemented(n))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
@@ -126,6 +127,36 @@ class ScaleConfig:
 
 
 @dataclass
+class BenchConfig:
+    """The baseline detectors CT is compared with and the comparison grid (``ctray bench``, specs/ct.md §5).
+
+    Baselines use f_base (the run's normally trained, backdoored model), as in the paper.
+    """
+
+    # Spectral Signature's poison-rate budget (k = min(1.5 * rate * N, |class| / 2) per class); 0 = the
+    # reference's choice: the true rate when --truth has poison, else 1% (its no-attack budget)
+    ss_rate: float = 0.0
+    ac_dims: int = 10  # Activation Clustering: principal components per class (Chen et al., the reference)
+    ac_max_fraction: float = 0.35  # AC flags the smaller 2-means cluster below this share of its class (reference)
+    ac_n_init: int = 10  # k-means starts per class: scikit-learn's long-time default, what the reference ran
+    # STRIP: reserve images superimposed on each sample; the paper's 100. Each one is a forward pass over
+    # all of D, so on a CPU a smaller n (e.g. 20) keeps the bench affordable; the bench reports the n used
+    strip_n: int = 100
+    strip_alpha: float = 1.0  # superimposition x + alpha * r on normalised inputs (the reference's 1.0)
+    strip_frr: float = 0.1  # threshold = this quantile of the clean reserve's entropies (10th percentile)
+    # SCAn's EM fits run on the driver: features are projected on the top-k principal axes of all of D's
+    # features first, so k floats per sample travel there (32 x 4 B = 128 B; 10M samples = 1.3 GB)
+    scan_dim: int = 32
+    scan_threshold: float = math.exp(2.0)  # anomaly index above which a class is cleansed (Tang et al.: e^2)
+    # grid cells (attacks) run at once as Ray tasks; 0 = auto: the cluster's CPUs divided by what one cell
+    # needs (cell_cpus + a scoring actor + a read task), at least 1. 1 runs the cells in the driver
+    parallel: int = 0
+    # CPUs one cell task holds: it runs local-mode training in its own process; fractional so the
+    # cell's own Ray Data ops (score actor, read tasks) still fit beside it on a 2-CPU machine
+    cell_cpus: float = 0.5
+
+
+@dataclass
 class Config:
     """One detection run. ``preset`` names the YAML the values came from."""
 
@@ -137,6 +168,7 @@ class Config:
     ct: CTConfig = field(default_factory=CTConfig)
     decide: DecideConfig = field(default_factory=DecideConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,6 +214,17 @@ class Config:
             if b < max(1, self.scale.num_workers):
                 raise ConfigError(f"batch sizes ({b}) must be >= scale.num_workers ({self.scale.num_workers}):"
                                   " the global batch is split across workers")
+        b = self.bench
+        if not 0.0 <= b.ss_rate <= 1.0:
+            raise ConfigError(f"bench.ss_rate must lie in [0, 1] (0 = oracle rate), got {b.ss_rate}")
+        if b.ac_dims < 1 or b.scan_dim < 1 or b.strip_n < 1 or b.ac_n_init < 1:
+            raise ConfigError("bench.ac_dims, bench.scan_dim, bench.strip_n and bench.ac_n_init must be >= 1")
+        if not 0.0 < b.ac_max_fraction <= 0.5:
+            raise ConfigError(f"bench.ac_max_fraction must lie in (0, 0.5], got {b.ac_max_fraction}")
+        if not 0.0 < b.strip_frr < 1.0:
+            raise ConfigError(f"bench.strip_frr must lie in (0, 1), got {b.strip_frr}")
+        if b.parallel < 0 or b.cell_cpus <= 0:
+            raise ConfigError(f"bench.parallel must be >= 0 and bench.cell_cpus > 0, got {b.parallel}, {b.cell_cpus}")
         from ctray.models import MODELS
 
         for f, arch in (("base.arch", self.base.arch), ("ct.arch", self.ct.arch)):

@@ -118,6 +118,7 @@ def choose_preset(train_spec: list[str], use_gpu: bool = False) -> tuple[str, st
 def _fingerprint(cfg: Config, train: list[str], clean: list[str]) -> str:
     d = cfg.to_dict()
     d.pop("io", None)
+    d.pop("bench", None)  # the baselines' knobs do not change CT's result: a bench rerun resumes CT
     d["scale"] = {}  # the worker layout may change between attempts without changing the result's meaning
     blob = json.dumps({"cfg": d, "train": train, "clean": clean}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -102,20 +102,19 @@ def _project_batch(batch: dict[str, np.ndarray], axes: np.ndarray, means: np.nda
     return {"sid": batch["sid"], "proj_x": proj[:, 0].astype(np.float32), "proj_y": proj[:, 1].astype(np.float32)}
 
 
-def class_projections(scored_with_features: Any, num_classes: int, num_cpus: float) -> dict[str, np.ndarray]:
-    """Within-class 2-D PCA projections of every sample (the decision's first step, specs/ct.md §1.6).
+def feature_moments(scored_with_features: Any, num_classes: int, num_cpus: float) -> Any:
+    """Per-class feature moments of a dataset with ``label, features (B, D)`` columns, in one streaming
+    pass: each batch folds into a :class:`ctray.core.pca.FeatureMoments` in a Ray Data task and the
+    driver merges them (C x D x D float64 per batch reaches it, never the features).
 
-    Two streaming passes over the materialized scores, no shuffle: (1) per-batch per-class moments
-    (count, sum, outer products; ``ctray.core.pca.FeatureMoments``, associative merge) summed on the
-    driver, whose top-2 eigenvectors per class are the principal axes; (2) each sample projected on
-    its class's axes. The driver receives C x D x D moments per batch and 2 floats per sample, never the
-    features. Returns ``{"sid", "proj_x", "proj_y"}``.
+    Raises:
+        RuntimeError: the dataset is empty.
     """
     import pickle
 
     from ctray.core.pca import FeatureMoments
 
-    feats = scored_with_features.select_columns(["sid", "label", "features"])
+    feats = scored_with_features.select_columns(["label", "features"])
     total: FeatureMoments | None = None
     moments = feats.map_batches(_Moments, fn_constructor_kwargs={"num_classes": num_classes}, batch_size=4096,
                                 batch_format="numpy", num_cpus=num_cpus)
@@ -125,6 +124,20 @@ def class_projections(scored_with_features: Any, num_classes: int, num_cpus: flo
             total = m if total is None else total.merge(m)
     if total is None:
         raise RuntimeError("no features to project (empty scored dataset)")
+    return total
+
+
+def class_projections(scored_with_features: Any, num_classes: int, num_cpus: float) -> dict[str, np.ndarray]:
+    """Within-class 2-D PCA projections of every sample (the decision's first step, specs/ct.md §1.6).
+
+    Two streaming passes over the materialized scores, no shuffle: (1) per-batch per-class moments
+    (count, sum, outer products; ``ctray.core.pca.FeatureMoments``, associative merge) summed on the
+    driver, whose top-2 eigenvectors per class are the principal axes; (2) each sample projected on
+    its class's axes. The driver receives C x D x D moments per batch and 2 floats per sample, never the
+    features. Returns ``{"sid", "proj_x", "proj_y"}``.
+    """
+    feats = scored_with_features.select_columns(["sid", "label", "features"])
+    total = feature_moments(feats, num_classes, num_cpus)
     axes, means = total.principal_axes(2), total.means()
     projected = feats.map_batches(_project_batch, fn_kwargs={"axes": axes, "means": means}, batch_size=4096,
                                   batch_format="numpy", num_cpus=num_cpus)

@@ -1,6 +1,6 @@
 """Decode speed: PIL against torchvision.io's C++ decoders, image bytes -> ``uint8 (H, W, C)`` numpy.
 
-``python -m ctray.bench.decode [--repeats 3]`` (or ``python ctray/bench/decode.py``; imports nothing from
+``python -m ctray.benchmarks.decode [--repeats 3]`` (or ``python ctray/benchmarks/decode.py``; imports nothing from
 ctray, needs PIL + numpy; torchvision optional, only PIL is measured when it does not import).
 
 Builds in memory, from real Fashion-MNIST (train split, ``/usr/share/datasets/fashion-mnist``):

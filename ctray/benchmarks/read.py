@@ -1,6 +1,6 @@
 """Read throughput: ctray's Ray Data reader against a bare WebDataset loop and ``ray.data.read_webdataset``.
 
-``python -m ctray.bench.read [--shards DIR] [--samples 20000] [--shards-count 20] [--repeats 3]``
+``python -m ctray.benchmarks.read [--shards DIR] [--samples 20000] [--shards-count 20] [--repeats 3]``
 
 Without ``--shards`` it writes ``--samples`` 28x28 grey PNG samples into ``--shards-count`` shards in a
 temporary directory: real Fashion-MNIST (train split, read straight from the idx.gz files) when
@@ -156,7 +156,7 @@ def ray_webdataset(urls: list[str], num_cpus: float, batch_size: int | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ctray.bench.read", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m ctray.benchmarks.read", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", help="directory of existing shards (28x28 grey) instead of making them")
     ap.add_argument("--samples", type=int, default=20_000)

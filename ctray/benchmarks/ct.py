@@ -1,6 +1,6 @@
 """CT engine benchmark (a script that prints figures, not a test).
 
-    python -m ctray.bench.ct [--n 5000] [--preset smoke] [--workers 0] [--mem]
+    python -m ctray.benchmarks.ct [--n 5000] [--preset smoke] [--workers 0] [--mem]
 
 1. Per-phase wall time of one ``detect`` run on real Fashion-MNIST (N train, 1% badnet), from the run's
    ``rounds.json``: data read, per-round Train fit (and the loop's own phase times inside it), scoring;
@@ -130,7 +130,7 @@ def main() -> int:
     print(f"Ray overhead share (fit overhead + scoring beyond bare): {over:.1f}s = {100 * over / total:.1f}%")
     if a.mem:
         for n_mem in (a.n, 10 * a.n):
-            r = subprocess.run([sys.executable, "-m", "ctray.bench.ct", "--mem-child", str(n_mem), "--root", a.root],
+            r = subprocess.run([sys.executable, "-m", "ctray.benchmarks.ct", "--mem-child", str(n_mem), "--root", a.root],
                                capture_output=True, text=True, check=True)
             print("driver memory:", r.stdout.strip().splitlines()[-1])
     return 0

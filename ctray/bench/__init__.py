@@ -1,1 +1,0 @@
-"""Benchmark scripts (``python -m ctray.bench.<name>``): they print figures; they are not tests."""
