@@ -419,8 +419,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     log.info("decision: cleansed classes %s, flagged %d of %d", np.flatnonzero(cleansed).tolist(),
              int(flagged[:n].sum()), n)
     canary_info = None
-    if n_can:
-        assert cplan is not None
+    if cplan is not None:
         canary_info = {"count": n_can, "target": cplan.target, "rate": cfg.canary.rate,
                        "flagged": int(flagged[n:].sum()), "recall": float(flagged[n:].mean()),
                        "outside_flag_rate": float(flagged[:n].mean()),
