@@ -791,7 +791,7 @@ def _section_shards(page: _Page, d: _RunData) -> None:
               .agg(usable=("key", "size"), flagged=("_f", "sum"), mean_score=("score", "mean"))
               .reset_index())
         note = f"{d.shards.why or 'shards.parquet has no shard column'}; computed from scores.parquet."
-    _group_section(page, sh, "shard", "shards", "Per-shard flagged counts", note)
+    _group_section(page, sh, "shard", "shards", "Per-shard flagged counts", note, alpha=_alpha(d, "shards"))
 
 
 def _section_sources(page: _Page, d: _RunData) -> None:
@@ -805,11 +805,21 @@ def _section_sources(page: _Page, d: _RunData) -> None:
                  "<code>url</code> in its <code>.json</code> metadata).</p>")
         return
     _group_section(page, src, "source", "sources", title, "Sources: the <code>source</code> field of a sample's "
-                   "<code>.json</code>, else the host of its <code>url</code>.", note_is_html=True)
+                   "<code>.json</code>, else the host of its <code>url</code>.", note_is_html=True,
+                   alpha=_alpha(d, "sources"))
+
+
+def _alpha(d: _RunData, table: str) -> float:
+    """The marking level the run used (run.json ``aggregate``), 0.01 for older runs."""
+    agg = d.run.get("aggregate") if isinstance(d.run.get("aggregate"), dict) else {}
+    try:
+        return float((agg.get(table) or {}).get("alpha", 0.01))
+    except (TypeError, ValueError):
+        return 0.01
 
 
 def _group_section(page: _Page, tab: pd.DataFrame, col: str, anchor: str, title: str, note: str,
-                   note_is_html: bool = False) -> None:
+                   note_is_html: bool = False, alpha: float = 0.01) -> None:
     """Chart + table of a per-group table (shards.parquet / sources.parquet), most suspicious first."""
     from ctray.core.shardstats import binomial_marks, suspicion_order
 
@@ -822,7 +832,7 @@ def _group_section(page: _Page, tab: pd.DataFrame, col: str, anchor: str, title:
         tab["mean_score"] = np.nan
     usable = tab["usable"].fillna(0).astype(int).to_numpy()
     if "p_value" not in tab.columns and (usable >= tab["flagged"].to_numpy()).all():  # an older run directory
-        p, marked, rate, _ = binomial_marks(tab["flagged"].to_numpy(), usable, 0.01)
+        p, marked, rate, _ = binomial_marks(tab["flagged"].to_numpy(), usable, alpha)
         tab["p_value"], tab["marked"], tab["expected"] = p, marked, usable * rate
         tab = tab.iloc[suspicion_order(p, tab["flagged"].to_numpy(), tab["mean_score"].to_numpy(),
                                        tab[col].astype(str).to_numpy())]
@@ -838,7 +848,7 @@ def _group_section(page: _Page, tab: pd.DataFrame, col: str, anchor: str, title:
     body = f'<p class="note">{note if note_is_html else _e(note)}</p>' if note else ""
     body += (f'<p class="note">{len(tab):,} {anchor}; {int((tab["flagged"] > 0).sum()):,} with at least one flagged '
              f"sample; <b>{n_marked:,} marked</b> (one-sided binomial tail of the flagged count against the run's "
-             f"overall flag rate, Bonferroni-corrected level 0.01 / {anchor}). Most suspicious first "
+             f"overall flag rate, Bonferroni-corrected level {alpha:g} / {anchor}). Most suspicious first "
              f"(p-value, then flagged count); top {len(top)}:</p>")
     bars = top[top["flagged"] > 0]
     if len(bars):
