@@ -6,10 +6,11 @@ from typing import Any
 
 from ctray._version import __version__
 
-__all__ = ["BenchResult", "__version__", "bench"]
+__all__ = ["BenchResult", "SweepResult", "__version__", "bench", "sweep"]
 
 # Imported on first use, so that `import ctray` (and every CLI start) stays free of pyarrow/Ray imports.
-_LAZY = {"bench": "ctray.engine.bench", "BenchResult": "ctray.engine.bench"}
+_LAZY = {"bench": "ctray.engine.bench", "BenchResult": "ctray.engine.bench",
+         "sweep": "ctray.engine.sweep", "SweepResult": "ctray.engine.sweep"}
 
 
 def __getattr__(name: str) -> Any:

@@ -61,6 +61,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--target", type=int, default=0)
     pp.add_argument("--seed", type=int, default=0)
     pp.add_argument("--cover-rate", type=float, default=None, help="cover samples (attacks with covers)")
+    pp.add_argument("--concentrate", type=float, default=0.0,
+                    help="fraction of the poison planted in one shard (chosen with the seed), e.g. 0.6")
     pp.add_argument("options", nargs="*", help="attack options as key=value (e.g. alpha=0.2)")
 
 
@@ -72,7 +74,7 @@ def _run_data(args: argparse.Namespace) -> int:
         if args.cover_rate is not None:
             opts["cover_rate"] = args.cover_rate
         summary = poison_dataset(args.in_dir, args.out, args.attack, rate=args.rate, target=args.target,
-                                 seed=args.seed, options=opts)
+                                 seed=args.seed, options=opts, concentrate=args.concentrate)
     else:
         from ctray.data.sources import make_dataset
 
@@ -331,9 +333,50 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list the named presets")
     p.set_defaults(func=_run_presets)
     _add_bench(sub)
-    for name, help_ in [("sweep", "Ray Tune search over CT's knobs")]:
-        p = sub.add_parser(name, help=help_ + " (not implemented yet)")
-        p.set_defaults(func=lambda a, n=name: _not_implemented(n))
+    _add_sweep(sub)
+
+
+# --------------------------------------------------------------------------------------------- sweep
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="Ray Tune search over CT's knobs (canary objective, or F1 with --truth)")
+    p.add_argument("--train", action="append", required=True, metavar="SHARDS", help="suspect shards (repeatable)")
+    p.add_argument("--clean", action="append", required=True, metavar="SHARDS", help="trusted clean reserve shards")
+    p.add_argument("--out", required=True, help="sweep directory: trials.parquet, best.yaml, objective.png, trials/")
+    p.add_argument("--truth", default=None, help="ground truth (shard, key, poison): objective = F1 of the flagged set")
+    p.add_argument("--num-samples", type=int, default=None, help="trials (default: sweep.num_samples)")
+    p.add_argument("--preset", default=None, help="preset the trials start from; default: chosen from the data")
+    p.add_argument("--space", default=None, help="YAML search space (default: the built-in space, see docs/sweep.md)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="applied to every trial (e.g. ct.iters=[200,200,200,200,100,100]); sweep.* tune the sweep")
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    import math
+
+    from ctray.config import parse_overrides
+    from ctray.engine.sweep import sweep
+
+    res = sweep(args.train, args.clean, args.out, truth=args.truth, num_samples=args.num_samples, preset=args.preset,
+                space=args.space, overrides=parse_overrides(args.overrides))
+
+    def f(v: object) -> str:
+        return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else "-"
+
+    print(f"{'trial':<14} {'status':<8} {res.objective:>9} {'canary_rec':>10} {'flag_rate':>9} {'tpr':>7} "
+          f"{'fpr':>7} {'f1':>7} {'seconds':>8}")
+    for r in res.trials:
+        print(f"{r['trial']:<14} {r['status']:<8} {f(r['objective']):>9} {f(r['canary_recall']):>10} "
+              f"{f(r['flag_rate']):>9} {f(r['tpr']):>7} {f(r['fpr']):>7} {f(r['f1']):>7} {f(r['seconds']):>8}")
+    print(f"best: trial {res.best['trial']} {res.objective}={f(res.best['objective'])} "
+          f"(tpr {f(res.best['tpr'])}, fpr {f(res.best['fpr'])}); settings {res.best['overrides']}")
+    if res.baseline is not None:
+        b = res.baseline
+        print(f"preset unchanged (baseline): {res.objective}={f(b['objective'])} (tpr {f(b['tpr'])}, fpr {f(b['fpr'])})")
+    print(f"wall time {res.seconds:.0f}s; wrote {res.out_dir}/trials.parquet, {res.best_config}, {res.plot}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- main

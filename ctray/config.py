@@ -157,6 +157,44 @@ class BenchConfig:
 
 
 @dataclass
+class AggregateConfig:
+    """Per-shard / per-source tables (``shards.parquet``, ``sources.parquet``) built while the final
+    round's scoring streams (``ctray.engine.aggregate``)."""
+
+    alpha: float = 0.01  # family-wise level of the binomial marking; Bonferroni over the groups
+    top_k: int = 10  # most suspicious keys kept per group: enough to eyeball a shard, small per block
+    bins: int = 20  # score histogram bins over [0, 1] (0.05 wide)
+
+
+@dataclass
+class CanaryConfig:
+    """Defender canaries (``ctray.engine.canary``): copies of a seeded random subset of D's non-target
+    samples with a defender trigger, relabelled to ``target``. They are trained and scored like any
+    sample but never appear in user-facing outputs. Off for ``detect``; ``sweep`` turns them on."""
+
+    rate: float = 0.0  # fraction of the usable samples added as canaries; 0 = none (plain detection)
+    min_count: int = 8  # at least this many when on: recall moves in steps of 1/count (1/8 = 0.125)
+    target: int = -1  # the canaries' label; -1 = the last class (C - 1)
+
+
+@dataclass
+class SweepConfig:
+    """``ctray sweep``: Ray Tune over CT's knobs (``ctray.engine.sweep``)."""
+
+    num_samples: int = 8  # trials drawn from the search space
+    canary_rate: float = 0.002  # canaries planted per trial without --truth (0.2% of D, >= canary.min_count)
+    # objective without truth = canary_recall - flag_weight * flag rate outside the canaries: flagging
+    # 1% of the real data costs as much as missing 5% of the canaries (a wrongly cleansed class of ~10%
+    # costs 0.5)
+    flag_weight: float = 5.0
+    max_concurrent: int = 0  # trials at once; 0 = auto: one per CPU of the cluster, at most num_samples
+    trial_cpus: float = 0.5  # CPUs each trial's CT run holds (its local-mode training); Data gets the rest
+    grace_rounds: int = 0  # ASHA: rounds every trial runs before it may be stopped; 0 = auto (rounds // 2)
+    reduction_factor: float = 2.0  # ASHA: keep the top 1/reduction_factor at each rung
+    baseline: bool = True  # also run the preset unchanged, so the best trial is read next to it
+
+
+@dataclass
 class Config:
     """One detection run. ``preset`` names the YAML the values came from."""
 
@@ -169,6 +207,9 @@ class Config:
     decide: DecideConfig = field(default_factory=DecideConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    aggregate: AggregateConfig = field(default_factory=AggregateConfig)
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -225,6 +266,23 @@ class Config:
             raise ConfigError(f"bench.strip_frr must lie in (0, 1), got {b.strip_frr}")
         if b.parallel < 0 or b.cell_cpus <= 0:
             raise ConfigError(f"bench.parallel must be >= 0 and bench.cell_cpus > 0, got {b.parallel}, {b.cell_cpus}")
+        if not 0 < self.aggregate.alpha < 1:
+            raise ConfigError(f"aggregate.alpha must lie in (0, 1), got {self.aggregate.alpha}")
+        if self.aggregate.top_k < 0 or self.aggregate.bins < 1:
+            raise ConfigError(f"aggregate.top_k must be >= 0 and aggregate.bins >= 1, got "
+                              f"{self.aggregate.top_k}, {self.aggregate.bins}")
+        cn = self.canary
+        if not 0 <= cn.rate <= 0.1:
+            raise ConfigError(f"canary.rate must lie in [0, 0.1] (canaries eat the distillation budget), got {cn.rate}")
+        if cn.min_count < 1 or cn.target < -1:
+            raise ConfigError(f"canary.min_count must be >= 1 and canary.target >= -1 (-1 = last class), got "
+                              f"{cn.min_count}, {cn.target}")
+        sw = self.sweep
+        if sw.num_samples < 1 or sw.max_concurrent < 0 or sw.grace_rounds < 0:
+            raise ConfigError("sweep.num_samples must be >= 1, sweep.max_concurrent and sweep.grace_rounds >= 0")
+        if not 0 <= sw.canary_rate <= 0.1 or sw.flag_weight < 0 or sw.trial_cpus <= 0 or sw.reduction_factor <= 1:
+            raise ConfigError("sweep: canary_rate must lie in [0, 0.1], flag_weight >= 0, trial_cpus > 0, "
+                              f"reduction_factor > 1; got {sw}")
         from ctray.models import MODELS
 
         for f, arch in (("base.arch", self.base.arch), ("ct.arch", self.ct.arch)):

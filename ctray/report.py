@@ -7,7 +7,7 @@ with every plot embedded as a base64 PNG (no JavaScript, no external URL), and t
 
 Sections: summary (counts, timings, metrics), score histogram, per-class likelihood ratios,
 within-class projections, distillation rounds, ROC curve, most suspicious samples (thumbnails read
-back from the train shards), per-shard flagged counts, quarantine.
+back from the train shards), per-shard and per-source flagged counts (marked outliers), quarantine.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def write_report(run_dir: str, top_k: int = TOP_K) -> str:
         rounds=_read_optional_json(os.path.join(run_dir, "rounds.json")),
         metrics=_read_optional_json(os.path.join(run_dir, "metrics.json")),
         shards=_read_optional_parquet(os.path.join(run_dir, "shards.parquet")),
+        sources=_read_optional_parquet(os.path.join(run_dir, "sources.parquet")),
         quarantine=_read_optional_parquet(os.path.join(run_dir, "quarantine.parquet")),
     )
     _section_summary(page, data)
@@ -90,6 +91,7 @@ def write_report(run_dir: str, top_k: int = TOP_K) -> str:
     _section_roc(page, data)
     _section_top(page, data, top_k)
     _section_shards(page, data)
+    _section_sources(page, data)
     _section_quarantine(page, data)
 
     out = os.path.join(run_dir, REPORT_NAME)
@@ -123,6 +125,7 @@ class _RunData:
     metrics: _Optional
     shards: _Optional
     quarantine: _Optional
+    sources: _Optional = field(default_factory=lambda: _Optional(None, "sources.parquet is missing"))
 
     @property
     def has_truth(self) -> bool:
@@ -812,7 +815,6 @@ def _section_top(page: _Page, d: _RunData, top_k: int) -> None:
 
 
 def _section_shards(page: _Page, d: _RunData) -> None:
-    title = "Per-shard flagged counts"
     sh = d.shards.value
     note = ""
     if sh is None or "shard" not in sh.columns:
@@ -822,20 +824,65 @@ def _section_shards(page: _Page, d: _RunData) -> None:
               .agg(usable=("key", "size"), flagged=("_f", "sum"), mean_score=("score", "mean"))
               .reset_index())
         note = f"{d.shards.why or 'shards.parquet has no shard column'}; computed from scores.parquet."
-    sh = sh.copy()
-    for col in ("samples", "usable", "quarantined"):
-        if col not in sh.columns:
-            sh[col] = np.nan
-    sh["flagged"] = sh["flagged"].fillna(0).astype(int) if "flagged" in sh.columns else 0
-    if "mean_score" not in sh.columns:
-        sh["mean_score"] = np.nan
-    denom = sh["usable"].where(sh["usable"] > 0)
-    sh["rate"] = sh["flagged"] / denom
-    top = sh.sort_values(["flagged", "mean_score", "shard"], ascending=[False, False, True],
-                         kind="mergesort").head(MAX_SHARD_BARS)
-    body = f'<p class="note">{_e(note)}</p>' if note else ""
-    body += (f'<p class="note">{len(sh):,} shards; {int((sh["flagged"] > 0).sum()):,} with at least one flagged '
-             f"sample. Top {len(top)} by flagged count:</p>")
+    _group_section(page, sh, "shard", "shards", "Per-shard flagged counts", note, alpha=_alpha(d, "shards"))
+
+
+def _section_sources(page: _Page, d: _RunData) -> None:
+    title = "Per-source flagged counts"
+    src = d.sources.value
+    if src is None or "source" not in src.columns:
+        page.add("sources", title, _na(d.sources.why or "sources.parquet has no source column"))
+        return
+    if src.empty:
+        page.add("sources", title, '<p class="note">No sample carries a source (a <code>source</code> field or a '
+                 "<code>url</code> in its <code>.json</code> metadata).</p>")
+        return
+    _group_section(page, src, "source", "sources", title, "Sources: the <code>source</code> field of a sample's "
+                   "<code>.json</code>, else the host of its <code>url</code>.", note_is_html=True,
+                   alpha=_alpha(d, "sources"))
+
+
+def _alpha(d: _RunData, table: str) -> float:
+    """The marking level the run used (run.json ``aggregate``), 0.01 for older runs."""
+    agg = d.run.get("aggregate") if isinstance(d.run.get("aggregate"), dict) else {}
+    try:
+        return float((agg.get(table) or {}).get("alpha", 0.01))
+    except (TypeError, ValueError):
+        return 0.01
+
+
+def _group_section(page: _Page, tab: pd.DataFrame, col: str, anchor: str, title: str, note: str,
+                   note_is_html: bool = False, alpha: float = 0.01) -> None:
+    """Chart + table of a per-group table (shards.parquet / sources.parquet), most suspicious first."""
+    from ctray.core.shardstats import binomial_marks, suspicion_order
+
+    tab = tab.copy()
+    for c in ("samples", "usable", "quarantined"):
+        if c not in tab.columns:
+            tab[c] = np.nan
+    tab["flagged"] = tab["flagged"].fillna(0).astype(int) if "flagged" in tab.columns else 0
+    if "mean_score" not in tab.columns:
+        tab["mean_score"] = np.nan
+    usable = tab["usable"].fillna(0).astype(int).to_numpy()
+    if "p_value" not in tab.columns and (usable >= tab["flagged"].to_numpy()).all():  # an older run directory
+        p, marked, rate, _ = binomial_marks(tab["flagged"].to_numpy(), usable, alpha)
+        tab["p_value"], tab["marked"], tab["expected"] = p, marked, usable * rate
+        tab = tab.iloc[suspicion_order(p, tab["flagged"].to_numpy(), tab["mean_score"].to_numpy(),
+                                       tab[col].astype(str).to_numpy())]
+    for c in ("p_value", "expected"):
+        if c not in tab.columns:
+            tab[c] = np.nan
+    if "marked" not in tab.columns:
+        tab["marked"] = False
+    denom = tab["usable"].where(tab["usable"] > 0)
+    tab["rate"] = tab["flagged"] / denom
+    top = tab.head(MAX_SHARD_BARS)
+    n_marked = int(tab["marked"].fillna(False).astype(bool).sum())
+    body = f'<p class="note">{note if note_is_html else _e(note)}</p>' if note else ""
+    body += (f'<p class="note">{len(tab):,} {anchor}; {int((tab["flagged"] > 0).sum()):,} with at least one flagged '
+             f"sample; <b>{n_marked:,} marked</b> (one-sided binomial tail of the flagged count against the run's "
+             f"overall flag rate, Bonferroni-corrected level {alpha:g} / {anchor}). Most suspicious first "
+             f"(p-value, then flagged count); top {len(top)}:</p>")
     bars = top[top["flagged"] > 0]
     if len(bars):
         from matplotlib.ticker import MaxNLocator
@@ -844,23 +891,40 @@ def _section_shards(page: _Page, d: _RunData) -> None:
         ax = fig.add_subplot()
         y = np.arange(len(bars))[::-1]
         vals = bars["flagged"].to_numpy()
-        ax.barh(y, vals, color=_COLORS["poison"], height=0.75)
+        mk = bars["marked"].fillna(False).astype(bool).to_numpy()
+        ax.barh(y, vals, color=np.where(mk, _COLORS["poison"], _COLORS["clean"]), height=0.75)
+        exp = bars["expected"].to_numpy(dtype=float)
+        if np.isfinite(exp).any():
+            ax.scatter(exp, y, marker="|", s=120, color="black", zorder=3, label="expected at the overall rate")
+            ax.legend(loc="lower right", fontsize=8)
         for yi, v in zip(y, vals, strict=True):
             ax.text(v, yi, f" {int(v):,}", va="center", fontsize=8)
-        ax.set_yticks(y, [_mpl_safe(str(v)) for v in bars["shard"]], fontsize=8)
+        ax.set_yticks(y, [_mpl_safe(str(v)) for v in bars[col]], fontsize=8)
         ax.set_ylim(-0.6, len(bars) - 0.4)
-        ax.set_xlim(0, vals.max() * 1.12)
+        ax.set_xlim(0, max(vals.max(), np.nanmax(exp) if np.isfinite(exp).any() else 0) * 1.12)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("flagged samples")
+        ax.set_xlabel("flagged samples (red: marked)")
         ax.grid(axis="x", alpha=0.25)
-        body += page.figure(fig, "shards_flagged", "flagged samples per shard")
+        body += page.figure(fig, f"{anchor}_flagged", f"flagged samples per {col}")
     else:
-        body += '<p class="note">No shard has a flagged sample.</p>'
-    rows = [[_e(r["shard"]), _fmt_int(r["samples"]), _fmt_int(r["usable"]), _fmt_int(r["quarantined"]),
-             _fmt_int(r["flagged"]), f"{100 * r['rate']:.2f}%" if pd.notna(r["rate"]) else "&ndash;",
-             _fmt(_as_float(r["mean_score"]))] for _, r in top.iterrows()]
-    body += _table(["shard", "samples", "usable", "quarantined", "flagged", "flag rate", "mean score"], rows)
-    page.add("shards", title, body)
+        body += f'<p class="note">No {col} has a flagged sample.</p>'
+
+    def keys(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "&ndash;"
+        return _e(", ".join(str(k) for k in list(v)[:3]))
+
+    rows, cls = [], []
+    for _, r in top.iterrows():
+        rows.append([_e(r[col]), _fmt_int(r["samples"]), _fmt_int(r["usable"]), _fmt_int(r["quarantined"]),
+                     _fmt_int(r["flagged"]), _fmt(_as_float(r["expected"]), 3),
+                     f"{100 * r['rate']:.2f}%" if pd.notna(r["rate"]) else "&ndash;", _fmt(_as_float(r["mean_score"])),
+                     f"{_as_float(r['p_value']):.2g}" if pd.notna(r["p_value"]) else "&ndash;",
+                     "yes" if bool(r["marked"]) else "", keys(r.get("top_keys"))])
+        cls.append(bool(r["marked"]))
+    html_table = _table([col, "samples", "usable", "quarantined", "flagged", "expected", "flag rate", "mean score",
+                         "p-value", "marked", "top keys"], rows, highlight=cls)
+    page.add(anchor, title, body + html_table)
 
 
 def _fmt_int(v: Any) -> str:

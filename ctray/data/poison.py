@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def poison_dataset(in_dir: str, out_dir: str, attack: str, rate: float, target: int, seed: int,
-                   options: dict[str, Any] | None = None) -> dict[str, Any]:
+                   options: dict[str, Any] | None = None, concentrate: float = 0.0) -> dict[str, Any]:
     """Poison the train split of ``in_dir`` with ``attack`` and write the result to ``out_dir``.
 
     Args:
@@ -45,10 +45,14 @@ def poison_dataset(in_dir: str, out_dir: str, attack: str, rate: float, target: 
         target: the target class.
         seed: seeds the choice of samples and every random part of the triggers.
         options: attack options (e.g. ``{"alpha": 0.2}``, ``{"cover_rate": 0.01}``).
+        concentrate: fraction in [0, 1) of the poison planted in ONE train shard (chosen with the
+            seed; ``round(concentrate * n_poison)`` samples), the rest spread over the other shards.
+            0 spreads the poison uniformly (the default). Covers follow the same split. Simulates
+            poison arriving with one scraped batch (shard-level detection, ``shards.parquet``).
 
     Returns:
         Summary: ``out_dir, attack, rate, target, seed, options, cover_rate, n_train, n_poison, n_cover,
-        n_test_triggered``.
+        n_test_triggered`` (+ ``concentrated_shard``, ``n_poison_concentrated`` with ``concentrate``).
 
     Raises:
         DataError: unknown attack or option, unreadable input, bad rate/target, too few eligible samples.
@@ -72,7 +76,11 @@ def poison_dataset(in_dir: str, out_dir: str, attack: str, rate: float, target: 
     labels = np.array([r.label for r in recs], np.int64)
     rng_plan, rng_poison, rng_cover, rng_test = (np.random.default_rng(s)
                                                  for s in np.random.SeedSequence(seed).spawn(4))
-    plan = atk.plan(labels, num_classes, rate, target, rng_plan)
+    conc: dict[str, Any] | None = None
+    if concentrate:
+        plan, conc = _concentrated_plan(atk, recs, labels, num_classes, rate, target, concentrate, seed, rng_plan)
+    else:
+        plan = atk.plan(labels, num_classes, rate, target, rng_plan)
     new_images = atk.apply_train(images, plan.poison_idx, rng_poison, "poison")
     new_images = atk.apply_train(new_images, plan.cover_idx, rng_cover, "cover")
     is_poison = np.zeros(len(recs), bool)
@@ -111,6 +119,8 @@ def poison_dataset(in_dir: str, out_dir: str, attack: str, rate: float, target: 
     cover_rate = atk.resolved_cover_rate(rate)
     info = {"name": attack, "rate": rate, "target": target, "seed": seed, "n_poison": int(is_poison.sum()),
             "n_cover": int(is_cover.sum()), "cover_rate": cover_rate, "options": atk.options()}
+    if conc is not None:
+        info["concentrate"] = conc
     out_man = copy.deepcopy(man)
     out_man["attack"] = info
     out_man.setdefault("shards", {})["test-triggered"] = trig_shards
@@ -118,9 +128,43 @@ def poison_dataset(in_dir: str, out_dir: str, attack: str, rate: float, target: 
     write_manifest(out_dir, out_man)
     log.info("%s: poisoned %d and covered %d of %d train samples (target %d); %d triggered test images -> %s",
              attack, info["n_poison"], info["n_cover"], len(recs), target, n_trig, out_dir)
-    return {"out_dir": out_dir, "attack": attack, "rate": rate, "target": target, "seed": seed,
-            "options": info["options"], "cover_rate": cover_rate, "n_train": len(recs),
-            "n_poison": info["n_poison"], "n_cover": info["n_cover"], "n_test_triggered": n_trig}
+    summary = {"out_dir": out_dir, "attack": attack, "rate": rate, "target": target, "seed": seed,
+               "options": info["options"], "cover_rate": cover_rate, "n_train": len(recs),
+               "n_poison": info["n_poison"], "n_cover": info["n_cover"], "n_test_triggered": n_trig}
+    if conc is not None:
+        summary["concentrated_shard"] = conc["shard"]
+        summary["n_poison_concentrated"] = conc["n_poison"]
+    return summary
+
+
+def _concentrated_plan(atk: Any, recs: list[Record], labels: np.ndarray, num_classes: int, rate: float,
+                       target: int, concentrate: float, seed: int, rng: np.random.Generator) -> tuple[Any, dict[str, Any]]:
+    """An attack plan with ``round(concentrate * round(rate * N))`` poison samples in one shard (chosen
+    by a generator seeded with ``seed``) and the rest in the other shards, each part planned by the
+    attack's own :meth:`~ctray.data.attacks.Attack.plan` on that part."""
+    from ctray.data.attacks import Plan
+
+    if not 0 <= concentrate < 1:
+        raise DataError(f"concentrate must lie in [0, 1), got {concentrate}")
+    shard_of = np.array([r.shard for r in recs])
+    names = np.unique(shard_of)
+    if len(names) < 2:
+        raise DataError(f"concentrate needs at least 2 train shards, got {len(names)}")
+    n_total = int(round(rate * len(recs)))
+    k = int(round(concentrate * n_total))
+    chosen = str(names[np.random.default_rng([int(seed), 0xC0C0]).integers(len(names))])
+    idx_in = np.flatnonzero(shard_of == chosen)
+    idx_out = np.flatnonzero(shard_of != chosen)
+    new_labels = labels.copy()
+    poison, cover = [], []
+    for idx, n_part in ((idx_in, k), (idx_out, n_total - k)):
+        part = atk.plan(labels[idx], num_classes, n_part / len(idx), target, rng)
+        poison.append(idx[part.poison_idx])
+        cover.append(idx[part.cover_idx])
+        new_labels[idx] = part.labels
+    plan = Plan(np.sort(np.concatenate(poison)), np.sort(np.concatenate(cover)), new_labels)
+    log.info("concentrate %.2f: %d of %d poison samples in shard %s", concentrate, k, n_total, chosen)
+    return plan, {"fraction": concentrate, "shard": chosen, "n_poison": k}
 
 
 def _read_manifest(in_dir: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ class DetectResult:
     cleansed_classes: list[int]
     metrics: dict[str, Any] | None
     seconds: dict[str, float] = field(default_factory=dict)
+    canary: dict[str, Any] | None = None  # with canary.rate > 0: count, target, recall, outside flag rate
 
 
 # ---------------------------------------------------------------------------------------------- ray
@@ -119,6 +121,8 @@ def _fingerprint(cfg: Config, train: list[str], clean: list[str]) -> str:
     d = cfg.to_dict()
     d.pop("io", None)
     d.pop("bench", None)  # the baselines' knobs do not change CT's result: a bench rerun resumes CT
+    d.pop("sweep", None)  # tuning knobs and the shard tables' settings do not change what a round computes
+    d.pop("aggregate", None)
     d["scale"] = {}  # the worker layout may change between attempts without changing the result's meaning
     blob = json.dumps({"cfg": d, "train": train, "clean": clean}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -163,8 +167,18 @@ def load_truth(path: str, shards: np.ndarray, keys: np.ndarray) -> tuple[np.ndar
 # ---------------------------------------------------------------------------------------------- run
 
 
-def detect(cfg: Config) -> DetectResult:
+def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None) -> DetectResult:
     """Run Confusion Training over ``cfg.io.train`` with the reserve ``cfg.io.clean``; write ``cfg.io.out``.
+
+    Args:
+        cfg: the resolved config.
+        on_round: optional callback, called after each round run here (not for rounds resumed from
+            disk) with a dict: ``round``, ``rounds``, ``final`` (bool), ``kept``, ``kept_canaries``,
+            ``canary_kept_share`` (kept canaries / canaries, None without canaries) and
+            ``poison_kept_share`` (kept truth poison / poison, None without truth); the final call
+            (after the decision and the outputs) adds ``n_flagged``, ``flag_rate`` (flagged real
+            samples / real samples), ``canary_recall`` (None without canaries), ``cleansed`` and
+            ``metrics`` (with truth). ``ctray sweep`` reports these to Ray Tune.
 
     Returns:
         A :class:`DetectResult`; the run directory holds scores.parquet (one row per usable sample,
@@ -180,7 +194,17 @@ def detect(cfg: Config) -> DetectResult:
 
     from ctray.core.decide import decide, flag_samples, likelihood_ratios
     from ctray.core.distill import distill, keep_count
+    from ctray.core.shardstats import GroupStats
     from ctray.data.reader import read_shards, usable
+    from ctray.engine.aggregate import (
+        feed_aggregator,
+        flagged_by_group,
+        scoring_view,
+        start_aggregator,
+        with_sources,
+        write_group_tables,
+    )
+    from ctray.engine.canary import canary_dataset, plan_canaries
     from ctray.engine.score import class_projections, collect_scores, score_dataset
     from ctray.training.loop import CONFUSED, train_loop_per_worker
 
@@ -196,8 +220,9 @@ def detect(cfg: Config) -> DetectResult:
 
     # ---- read D once (materialized: every round scores all of it) and R
     t = time.monotonic()
-    ds_all = read_shards(train_paths, spec, n_cls, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict).materialize()
-    ident = collect_scores(ds_all, ("shard", "key", "sid", "label", "ok", "reason", "level", "note"))
+    ds_all = with_sources(read_shards(train_paths, spec, n_cls, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict),
+                          cfg.data.read_cpus).materialize()
+    ident = collect_scores(ds_all, ("shard", "key", "sid", "label", "ok", "reason", "level", "note", "source"))
     # one deterministic sample order for every output and tie-break: (shard, key), not block arrival
     by_name = np.lexsort((ident["key"].astype(str), ident["shard"].astype(str)))
     ident = {k: v[by_name] for k, v in ident.items()}
@@ -224,6 +249,22 @@ def detect(cfg: Config) -> DetectResult:
     C = int(n_cls or max(int(labels.max()), int(r_ident["label"][r_ident["ok"].astype(bool)].max())) + 1)
     if C < 2:
         raise DataError("CT needs at least 2 classes")
+    d_usable = usable(ds_all)
+    d_final = scoring_view(ds_all, cfg.data.read_cpus)  # + shard, source for the shard/source tables
+    # defender canaries (sweep): appended after the real samples; every array below covers both, every
+    # user-facing output only the first n_real entries
+    n_real = len(sids)
+    cplan = plan_canaries(sids, labels, shards_ok, keys_ok, C, cfg.canary.rate, cfg.canary.min_count,
+                          cfg.canary.target, cfg.seed)
+    if cplan is not None:
+        can = canary_dataset(ds_all, cplan, cfg.data.read_cpus)
+        d_usable = d_usable.union(usable(can))
+        d_final = d_final.union(scoring_view(can, cfg.data.read_cpus))
+        sids = np.concatenate([sids, cplan.sids])
+        labels = np.concatenate([labels, np.full(len(cplan), cplan.target, np.int64)])
+        if len(np.unique(sids)) != len(sids):
+            raise DataError("a canary id collides with a sample id; change seed")
+    n_can = len(sids) - n_real
     N = len(sids)
     order = np.argsort(sids)
     sorted_sids = sids[order]
@@ -235,7 +276,6 @@ def detect(cfg: Config) -> DetectResult:
         outv[order[pos]] = v
         return outv
 
-    d_usable = usable(ds_all)
     r_usable = usable(ds_r)
     cfg_d = cfg.to_dict()
     scaling, threads = _scaling(cfg)
@@ -268,7 +308,24 @@ def detect(cfg: Config) -> DetectResult:
         rounds_info.append(rs["info"])
 
     truth = load_truth(cfg.io.truth, shards_ok, keys_ok) if cfg.io.truth else None
+    if truth is not None and n_can:
+        truth = (np.r_[truth[0], np.zeros(n_can, bool)], np.r_[truth[1], np.zeros(n_can, bool)])
+    n_poison = int(truth[0].sum()) if truth is not None else 0
+
+    def final_pass(ckpt_dir: str) -> tuple[Any, Any]:
+        """Score all of D (+ canaries) with the final model, features kept in the object store, while
+        each block's per-shard/per-source partials stream to a fresh aggregator actor."""
+        agg = start_aggregator(C, cfg.aggregate.bins, cfg.aggregate.top_k)
+        sc_ds = score_dataset(d_final, ckpt_dir, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data,
+                              with_features=True, passthrough=("shard", "source"))
+        sc_ds = feed_aggregator(sc_ds, agg, C, cfg.aggregate.bins, cfg.aggregate.top_k, cfg.data.read_cpus)
+        return sc_ds.materialize(), agg
+
+    def share(n: int, of: int) -> float | None:
+        return n / of if of else None
+
     final_scores: dict[str, np.ndarray] | None = None
+    agg = None
     for r in range(len(state["rounds"]), cfg.ct.rounds):
         t = time.monotonic()
         ckpt = cio.join(out, "checkpoints", f"round_{r}")
@@ -301,10 +358,10 @@ def detect(cfg: Config) -> DetectResult:
         final = r == cfg.ct.rounds - 1
         # ---- score ALL of D with confused_r
         t2 = time.monotonic()
-        scored = score_dataset(d_usable, ckpt, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data,
-                               with_features=final)
         if final:
-            scored = scored.materialize()  # features stay in the object store for the per-class PCA
+            scored, agg = final_pass(ckpt)  # features stay in the object store for the per-class PCA
+        else:
+            scored = score_dataset(d_usable, ckpt, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data)
         sc = collect_scores(scored)
         _check_scored(sc["sid"], sorted_sids, f"scoring pass of round {r + 1}")
         losses = align(sc["sid"], sc["loss"])
@@ -322,6 +379,8 @@ def detect(cfg: Config) -> DetectResult:
             rs["kept"] = f"rounds/round_{r}_kept.npy"
             _save_npy(cio.join(out, rs["kept"]), keep)
             info["kept"] = int(len(kept_idx))
+            if n_can:
+                info["kept_canaries"] = int((kept_idx >= n_real).sum())
             if truth is not None:
                 info["kept_poison"] = int(truth[0][kept_idx].sum())
             log.info("round %d/%d: train %.1fs, score %.1fs, kept %d of %d%s", r + 1, cfg.ct.rounds, fit_s, score_s,
@@ -339,10 +398,14 @@ def detect(cfg: Config) -> DetectResult:
         rounds_info.append(info)
         state["rounds"].append(rs)
         cio.write_json(state_path, state)
+        if on_round is not None and not final:
+            on_round({"round": r, "rounds": cfg.ct.rounds, "final": False, "kept": info["kept"],
+                      "kept_canaries": info.get("kept_canaries"),
+                      "canary_kept_share": share(info.get("kept_canaries", 0), n_can),
+                      "poison_kept_share": share(info.get("kept_poison", 0), n_poison)})
 
     if final_scores is None:  # every round was done before: rescore the final model for the decision
-        scored = score_dataset(d_usable, prev_ckpt, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data,
-                               with_features=True).materialize()
+        scored, agg = final_pass(prev_ckpt)
         sc = collect_scores(scored)
         proj = class_projections(scored, C, cfg.data.read_cpus)
         _check_scored(sc["sid"], sorted_sids, "final rescoring pass")
@@ -364,26 +427,37 @@ def detect(cfg: Config) -> DetectResult:
         cleansed = decide(lr, cfg.decide.threshold_max, cfg.decide.threshold_any)
         flagged = flag_samples(labels, preds, cleansed)
     score = final_scores["prob"].astype(np.float64)
+    n = n_real  # user-facing outputs: real samples only (canaries are the last n_can entries)
+    lab_r, pred_r = labels[:n], preds[:n]
     decisions = {
-        "classes": [{"class": c, "n": int((labels == c).sum()), "n_isolated": int(((labels == c) & (preds == c)).sum()),
+        "classes": [{"class": c, "n": int((lab_r == c).sum()), "n_isolated": int(((lab_r == c) & (pred_r == c)).sum()),
                      "lr": float(lr[c]), "cleansed": bool(cleansed[c])} for c in range(C)],
         "threshold_max": cfg.decide.threshold_max, "threshold_any": cfg.decide.threshold_any,
-        "n_flagged": int(flagged.sum()),
+        "n_flagged": int(flagged[:n].sum()),
     }
-    log.info("decision: cleansed classes %s, flagged %d of %d", np.flatnonzero(cleansed).tolist(), int(flagged.sum()), N)
+    log.info("decision: cleansed classes %s, flagged %d of %d", np.flatnonzero(cleansed).tolist(),
+             int(flagged[:n].sum()), n)
+    canary_info = None
+    if cplan is not None:
+        canary_info = {"count": n_can, "target": cplan.target, "rate": cfg.canary.rate,
+                       "flagged": int(flagged[n:].sum()), "recall": float(flagged[n:].mean()),
+                       "outside_flag_rate": float(flagged[:n].mean()),
+                       "kept_per_round": [ri.get("kept_canaries") for ri in rounds_info]}
+        log.info("canaries: %d of %d flagged (recall %.3f); flag rate outside them %.4f", canary_info["flagged"],
+                 n_can, canary_info["recall"], canary_info["outside_flag_rate"])
 
     # ---- outputs
     from ctray.core.metrics import detection_metrics
 
-    cols: dict[str, Any] = {"shard": shards_ok, "key": keys_ok, "label": labels, "score": score, "flagged": flagged,
-                            "pred": preds}
+    cols: dict[str, Any] = {"shard": shards_ok, "key": keys_ok, "label": lab_r, "score": score[:n],
+                            "flagged": flagged[:n], "pred": pred_r}
     for i, rl in enumerate(round_losses):
-        cols[f"round_loss_{i}"] = rl.astype(np.float32)
-    cols["proj_x"], cols["proj_y"] = final_scores["proj_x"], final_scores["proj_y"]
+        cols[f"round_loss_{i}"] = rl[:n].astype(np.float32)
+    cols["proj_x"], cols["proj_y"] = final_scores["proj_x"][:n], final_scores["proj_y"][:n]
     metrics = None
     if truth is not None:
-        cols["truth_poison"], cols["truth_cover"] = truth
-        metrics = {"ct": detection_metrics(flagged, truth[0], score)}
+        cols["truth_poison"], cols["truth_cover"] = truth[0][:n], truth[1][:n]
+        metrics = {"ct": detection_metrics(flagged[:n], truth[0][:n], score[:n])}
         rounds_poison = [ri.get("kept_poison") for ri in rounds_info]
         metrics["rounds_kept_poison"] = rounds_poison
     cio.write_parquet(cio.join(out, "scores.parquet"), pa.table(cols))
@@ -391,8 +465,33 @@ def detect(cfg: Config) -> DetectResult:
     cio.write_parquet(cio.join(out, "quarantine.parquet"), pa.table({
         "shard": ident["shard"][bad].astype(str), "key": ident["key"][bad].astype(str),
         "reason": ident["reason"][bad].astype(str), "level": ident["level"][bad].astype(str)}))
-    _write_shards_table(out, ident, ok, flagged, score, shards_ok)
+    # ---- per-shard / per-source tables from the aggregator (+ the read's quarantine counts)
+    by_shard, by_source, agg_info = ray.get(agg.result.remote())
+    ray.kill(agg)
+    k_ = (C, cfg.aggregate.bins, cfg.aggregate.top_k)
+    bad_rows, failed_rows = ~ok & sample_rows, ~sample_rows
+    src_all = ident["source"].astype(str)
+    has_src = src_all != ""
+    by_shard = by_shard.merge(GroupStats.from_read(ident["shard"].astype(str), bad_rows, failed_rows, *k_))
+    by_source = by_source.merge(GroupStats.from_read(src_all[has_src], bad_rows[has_src], failed_rows[has_src], *k_))
+    sources_ok = src_all[ok]
+    if cfg.decide.flag_budget > 0:
+        shard_fl = flagged_by_group(by_shard, shards_ok, flagged[:n])
+        source_fl = flagged_by_group(by_source, sources_ok, flagged[:n])
+    else:
+        shard_fl, source_fl = by_shard.flagged(cleansed), by_source.flagged(cleansed)
+    agg_info["consistent"] = bool(int(by_shard.usable.sum()) == n and int(shard_fl.sum()) == int(flagged[:n].sum()))
+    if not agg_info["consistent"]:
+        log.error("shard aggregation disagrees with the per-sample results (usable %d vs %d, flagged %d vs %d)",
+                  int(by_shard.usable.sum()), n, int(shard_fl.sum()), int(flagged[:n].sum()))
+    top_ids = np.unique(np.concatenate([by_shard.top_id, by_source.top_id]))
+    pos = order[np.clip(np.searchsorted(sorted_sids, top_ids), 0, N - 1)]
+    key_of = {int(t): (str(shards_ok[i]), str(keys_ok[i])) for t, i in zip(top_ids, pos, strict=True)
+              if i < n and sids[i] == t}
+    agg_info.update(write_group_tables(out, by_shard, by_source, shard_fl, source_fl, cfg.aggregate.alpha, key_of))
     cio.write_json(cio.join(out, "decisions.json"), decisions)
+    if canary_info is not None:
+        cio.write_json(cio.join(out, "canary.json"), canary_info)
     cio.write_json(cio.join(out, "rounds.json"), [
         {"round": ri["round"], "kept": ri.get("kept"), "kept_poison": ri.get("kept_poison"),
          "seconds": ri["train_seconds"] + ri["score_seconds"], **ri} for ri in rounds_info])
@@ -405,20 +504,27 @@ def detect(cfg: Config) -> DetectResult:
     cio.write_json(cio.join(out, "run.json"), {
         "version": __version__, "started": t_start, "finished": time.time(), "train": train_paths,
         "clean": clean_paths, "preset": cfg.preset, "num_classes": C, "image_shape": list(spec.shape),
-        "seconds": secs, "counts": {"read": n_read, "usable": N, "quarantined": n_quar,
+        "seconds": secs, "aggregate": agg_info, "counts": {"read": n_read, "usable": n, "quarantined": n_quar,
                                     "shard_failures": int((~sample_rows).sum()),
                                     "converted": int((ident["note"][ok].astype(str) != "").sum()),
-                                    "flagged": int(flagged.sum())}})
+                                    "flagged": int(flagged[:n].sum()), "canaries": n_can}})
     try:
         from ctray.report import write_report
 
         write_report(out)  # a remote run directory is staged locally and the page uploaded
     except Exception:  # the report is a view; a plotting failure must not lose the run's results
         log.exception("report.html could not be written; results are in %s", out)
-    fl = np.flatnonzero(flagged)
-    return DetectResult(run_dir=out, n_read=n_read, n_usable=N, n_quarantined=n_quar, n_flagged=int(flagged.sum()),
+    fl = np.flatnonzero(flagged[:n])
+    if on_round is not None:
+        on_round({"round": cfg.ct.rounds - 1, "rounds": cfg.ct.rounds, "final": True, "kept": None,
+                  "kept_canaries": None, "canary_kept_share": None, "poison_kept_share": None,
+                  "n_flagged": int(len(fl)), "flag_rate": float(len(fl) / n),
+                  "canary_recall": canary_info["recall"] if canary_info else None,
+                  "cleansed": np.flatnonzero(cleansed).tolist(), "metrics": metrics["ct"] if metrics else None})
+    return DetectResult(run_dir=out, n_read=n_read, n_usable=n, n_quarantined=n_quar, n_flagged=int(len(fl)),
                         flagged_keys=[(shards_ok[i], keys_ok[i]) for i in fl],
-                        cleansed_classes=np.flatnonzero(cleansed).tolist(), metrics=metrics, seconds=secs)
+                        cleansed_classes=np.flatnonzero(cleansed).tolist(), metrics=metrics, seconds=secs,
+                        canary=canary_info)
 
 
 def _check_scored(got: np.ndarray, sorted_sids: np.ndarray, what: str) -> None:
@@ -467,21 +573,6 @@ def _save_npy(path: str, arr: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, arr)
     cio.write_bytes(path, buf.getvalue())
-
-
-def _write_shards_table(out: str, ident: dict[str, np.ndarray], ok: np.ndarray, flagged: np.ndarray,
-                        score: np.ndarray, shards_ok: np.ndarray) -> None:
-    import pandas as pd
-
-    allrows = pd.DataFrame({"shard": ident["shard"].astype(str), "ok": ok,
-                            "sample": ident["level"].astype(str) == "sample"})
-    g = allrows.groupby("shard").agg(samples=("sample", "sum"), usable=("ok", "sum"))
-    g["quarantined"] = g["samples"] - g["usable"]
-    s = pd.DataFrame({"shard": shards_ok, "flagged": flagged, "score": score}).groupby("shard").agg(
-        flagged=("flagged", "sum"), mean_score=("score", "mean"))
-    g = g.join(s, how="left").fillna({"flagged": 0}).reset_index().sort_values(["flagged", "shard"],
-                                                                               ascending=[False, True])
-    cio.write_parquet(cio.join(out, "shards.parquet"), pa.Table.from_pandas(g, preserve_index=False))
 
 
 def run_detect(preset: str | None, overrides: dict[str, Any], config_file: str | None = None) -> DetectResult:

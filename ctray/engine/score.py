@@ -16,14 +16,15 @@ log = logging.getLogger(__name__)
 
 class Scorer:
     """``map_batches`` callable: ``{sid, image uint8 (B,H,W,C), label}`` -> ``{sid, label, loss, pred, prob}``
-    (+ ``features (B, D)`` when ``with_features``).
+    (+ ``features (B, D)`` when ``with_features``; + the ``passthrough`` columns unchanged, e.g. ``shard``).
 
     ``loss`` is CE w.r.t. the given label (>= 0; low = still fit); ``prob`` is the softmax probability
     of the given label in [0, 1] (high = suspicious after confusion training).
     """
 
     def __init__(self, ckpt: str, filename: str, arch: str, in_channels: int, num_classes: int, image_size: int,
-                 mean: float, std: float, with_features: bool = False, threads: int = 1):
+                 mean: float, std: float, with_features: bool = False, threads: int = 1,
+                 passthrough: tuple[str, ...] = ()):
         import torch
 
         from ctray.models import build_model
@@ -36,6 +37,7 @@ class Scorer:
         self.model.load_state_dict(state)
         self.model.eval()
         self.mean, self.std, self.with_features = mean, std, with_features
+        self.passthrough = tuple(passthrough)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -49,12 +51,16 @@ class Scorer:
                "pred": out["pred"].numpy().astype(np.int64), "prob": out["prob"].numpy().astype(np.float32)}
         if self.with_features:
             res["features"] = out["features"].numpy().astype(np.float32)
+        for c in self.passthrough:
+            res[c] = batch[c]
         return res
 
 
 def score_dataset(ds: Any, ckpt: str, filename: str, arch: str, in_channels: int, num_classes: int,
-                  image_size: int, data_cfg: Any, with_features: bool = False) -> Any:
-    """Lazy Ray Dataset of per-sample scores of ``ds`` (columns ``sid, image, label``)."""
+                  image_size: int, data_cfg: Any, with_features: bool = False,
+                  passthrough: tuple[str, ...] = ()) -> Any:
+    """Lazy Ray Dataset of per-sample scores of ``ds`` (columns ``sid, image, label`` + ``passthrough``,
+    which are copied to the output, e.g. ``shard, source`` for the aggregation of the final pass)."""
     import ray.data
 
     threads = max(1, int(data_cfg.score_cpus))
@@ -62,7 +68,8 @@ def score_dataset(ds: Any, ckpt: str, filename: str, arch: str, in_channels: int
         Scorer,
         fn_constructor_kwargs=dict(ckpt=ckpt, filename=filename, arch=arch, in_channels=in_channels,
                                    num_classes=num_classes, image_size=image_size, mean=data_cfg.mean,
-                                   std=data_cfg.std, with_features=with_features, threads=threads),
+                                   std=data_cfg.std, with_features=with_features, threads=threads,
+                                   passthrough=tuple(passthrough)),
         batch_size=data_cfg.score_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=data_cfg.score_actors),
         num_cpus=data_cfg.score_cpus)
