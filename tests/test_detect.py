@@ -1,10 +1,15 @@
 """End-to-end CT detection on tiny real data (Fashion-MNIST from the Debian package), real local Ray.
 
 Every test here runs the real driver: Ray Data reading, Ray Train fits (local mode or real workers),
-Ray Data scoring and the NumPy decision. Data: 4,000 train samples, 0.5% poison (20 samples). At
-2,000 samples the late distilled sets (N/25 = 80, N/50 = 40) were so small that benign samples got
-memorised like the poison, and detection flipped with the thread count (measured); at 4,000 they
-stay 4-8x the poison.
+Ray Data scoring and the NumPy decision. Data: 4,000 train samples, 2% badnet poison (80 samples).
+
+Why 2%: at 0.5% (20 images) of 4,000 the patch is not learned by the smoke schedule at all (measured:
+f_base predicted the target on 0% of the poison, every confused loss ends near ln 10, and round 1 kept
+7 of 20 poison, so TPR 0.0, deterministically); plain training at lr 0.01 fits 25% of the poison after
+10 epochs at 0.5%, 43% at 1% and 84-99% from epoch 6 at 2%. At 2% with the smoke preset every round
+keeps all 80 poison (80/80 through round 3, 40 at the N/100 budget of round 4) and the final test
+flags them: TPR 1.0, FPR 0.0 (local mode, 1,224 s at load ~10). At 2,000 samples the late distilled
+sets (N/25 = 80, N/50 = 40) were so small that benign samples got memorised like the poison.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import sys
 import tarfile
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -27,9 +33,13 @@ from ctray.engine.detect import detect
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(1200)]
 
 N_TRAIN = 4000
-RATE = 0.005
+RATE = 0.02
 # Bounds for the `smoke` preset on 4,000 samples (measured: TPR 1.0, FPR 0.0); one wrongly cleansed
-# class of ~400 would cost ~1% FPR. The README's 10k `small` figures are the ones to quote.
+# class of ~400 would cost ~1% FPR.
+# The measured schedule: smoke with 8 (not 4) pretraining epochs in rounds 0-1, so base_0/base_1 have
+# learned the 80-image patch before the first distillation (the run quoted above).
+# The README's 10k `small` figures are the ones to quote.
+PRETRAIN = {"ct.pretrain_epochs": [8, 8, 10, 10, 10, 10]}
 
 
 @pytest.fixture(scope="session")
@@ -112,10 +122,10 @@ def _corrupt_copy(src: str, dst) -> str:
 
 
 def test_detects_badnet_one_real_worker(fm_badnet, tmp_path):
-    """badnet at 0.5% of 4,000 in a real Ray Train worker process (measured: TPR 1.0, FPR 0.0, the
-    same 20 samples flagged as in local mode: the run is deterministic on CPU)."""
+    """badnet at 2% of 4,000 in a real Ray Train worker process: detection is asserted here, with the
+    worker path (local mode measured TPR 1.0, FPR 0.0 on the same data)."""
     out = str(tmp_path / "run")
-    res = detect(_cfg(fm_badnet, out, **{"scale.num_workers": 1}))
+    res = detect(_cfg(fm_badnet, out, **{"scale.num_workers": 1, **PRETRAIN}))
     m = res.metrics["ct"]
     assert m["n_poison"] == round(RATE * N_TRAIN)
     assert m["tpr"] >= 0.8, m
@@ -154,7 +164,7 @@ def test_detects_badnet_two_workers_ddp(fm_badnet, tmp_path):
 
     Slow (make test-all): a real-worker fit costs ~20 s of start-up here, x6 rounds, and the fast suite
     must stay under 15 minutes; the 1-worker test covers real worker processes in `make test`."""
-    res = detect(_cfg(fm_badnet, str(tmp_path / "run"), **{"scale.num_workers": 2}))
+    res = detect(_cfg(fm_badnet, str(tmp_path / "run"), **{"scale.num_workers": 2, **PRETRAIN}))
     m = res.metrics["ct"]
     assert m["tpr"] >= 0.8, m
     assert m["fpr"] <= 0.02, m
@@ -188,11 +198,17 @@ def test_no_attack_flags_almost_nothing(tmp_path, fmnist_available):
     assert res.metrics is None
 
 
+QUICK = {"ct.iters": [60] * 6, "ct.pretrain_epochs": [1] * 6, "base.epochs": 1, "base.milestones": [1]}
+
+
 def test_resume_after_kill(fm_badnet, tmp_path):
-    """Kill a real `ctray detect` process after 2 rounds; re-running with the same --out resumes there."""
+    """Kill a real `ctray detect` process after 2 rounds; re-running with the same --out resumes there
+    and ends where an uninterrupted run ends (same per-round losses, same flags). A short schedule: this
+    checks resumption; detection itself is asserted by the worker test above."""
     out = str(tmp_path / "run")
+    quick = [f"{k}={json.dumps(v)}" for k, v in QUICK.items()]
     cmd = [sys.executable, "-m", "ctray.cli", "detect", "--train", f"{fm_badnet}/train-*.tar", "--clean",
-           f"{fm_badnet}/clean-*.tar", "--out", out, "--preset", "smoke", "scale.num_workers=0"]
+           f"{fm_badnet}/clean-*.tar", "--out", out, "--preset", "smoke", "scale.num_workers=0", *quick]
     env = dict(os.environ, RAY_ADDRESS="", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS")
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -203,21 +219,28 @@ def test_resume_after_kill(fm_badnet, tmp_path):
             if os.path.exists(state) and len(json.load(open(state))["rounds"]) >= 2:
                 break
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            time.sleep(0.5)
+            time.sleep(0.1)
         else:
             pytest.fail("the first run did not finish 2 rounds in time")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert len(json.load(open(state))["rounds"]) in (2, 3)
     done_before = len(json.load(open(state))["rounds"])
+    assert 2 <= done_before <= 5, done_before  # killed mid-run, not after the end
     ckpts_before = [r["ckpt"] for r in json.load(open(state))["rounds"]]
-    res = detect(_cfg(fm_badnet, out, truth=True))
+    res = detect(_cfg(fm_badnet, out, truth=True, **QUICK))
     st = json.load(open(state))
     assert [r["ckpt"] for r in st["rounds"][:done_before]] == ckpts_before  # earlier rounds were not redone
     assert len(st["rounds"]) == 6
-    assert res.metrics["ct"]["tpr"] >= 0.8
     _check_accounting(out, N_TRAIN)
+    # the same run without the kill: local mode on CPU is deterministic, so resuming changes nothing
+    ref = detect(_cfg(fm_badnet, str(tmp_path / "ref"), truth=True, **QUICK))
+    a = pq.read_table(f"{out}/scores.parquet").to_pandas().sort_values(["shard", "key"]).reset_index(drop=True)
+    b = pq.read_table(f"{ref.run_dir}/scores.parquet").to_pandas().sort_values(["shard", "key"]).reset_index(drop=True)
+    for c in [f"round_loss_{r}" for r in range(6)]:
+        assert np.allclose(a[c], b[c], atol=1e-5), c
+    assert (a["flagged"] == b["flagged"]).all()
+    assert res.cleansed_classes == ref.cleansed_classes
 
 
 def test_resume_refuses_other_config(fm_badnet, tmp_path):
