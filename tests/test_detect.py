@@ -90,14 +90,14 @@ def _cfg(data: str, out: str, truth: bool = True, **ov):
     return load_config("smoke", o)
 
 
-def _check_accounting(out: str, n_expected: int) -> None:
+def _check_accounting(out: str, n_expected: int, rounds: int = 6) -> None:
     scores = pq.read_table(f"{out}/scores.parquet").to_pandas()
     quarantine = pq.read_table(f"{out}/quarantine.parquet").to_pandas()
     sample_q = quarantine[quarantine["level"] == "sample"]
     assert len(scores) + len(sample_q) == n_expected
     assert not scores.duplicated(["shard", "key"]).any()
     assert scores["score"].between(0, 1).all()
-    assert {"round_loss_0", "round_loss_5", "flagged", "label"} <= set(scores.columns)
+    assert {"round_loss_0", f"round_loss_{rounds - 1}", "flagged", "label"} <= set(scores.columns)
     for f in ("decisions.json", "rounds.json", "run.json", "config.yaml", "shards.parquet", "report.html"):
         assert os.path.exists(f"{out}/{f}"), f
 
@@ -121,11 +121,11 @@ def _corrupt_copy(src: str, dst) -> str:
     return str(dst)
 
 
-def test_detects_badnet_one_real_worker(fm_badnet, tmp_path):
-    """badnet at 2% of 4,000 in a real Ray Train worker process: detection is asserted here, with the
-    worker path (local mode measured TPR 1.0, FPR 0.0 on the same data)."""
+def test_detects_badnet(fm_badnet, tmp_path):
+    """badnet at 2% of 4,000, local mode (measured: TPR 1.0, FPR 0.0; every round kept all 80 poison
+    until the N/100 budget of round 4)."""
     out = str(tmp_path / "run")
-    res = detect(_cfg(fm_badnet, out, **{"scale.num_workers": 1, **PRETRAIN}))
+    res = detect(_cfg(fm_badnet, out, **PRETRAIN))
     m = res.metrics["ct"]
     assert m["n_poison"] == round(RATE * N_TRAIN)
     assert m["tpr"] >= 0.8, m
@@ -134,8 +134,42 @@ def test_detects_badnet_one_real_worker(fm_badnet, tmp_path):
     _check_accounting(out, N_TRAIN)
     assert json.load(open(f"{out}/metrics.json"))["ct"]["tpr"] == m["tpr"]
     rounds = json.load(open(f"{out}/rounds.json"))
-    assert [r["kept"] for r in rounds[:5]][0] == N_TRAIN // 2
-    assert rounds[0]["kept_poison"] is not None
+    assert rounds[0]["kept"] >= N_TRAIN // 2
+    assert rounds[0]["kept_poison"] == m["n_poison"]  # base_0 fits the poison: none is distilled away
+
+
+# Two rounds, a few steps: enough to run every phase (f_base, pretraining, confusion, distillation, the
+# final decision) in a real worker process at ~20 s of worker start-up per fit.
+TWO_ROUNDS = {"ct.rounds": 2, "ct.pretrain_epochs": [1, 1], "ct.iters": [30, 30], "ct.lr": [0.015, 0.04],
+              "ct.lam": [20, 15], "ct.batch_factor": [2, 2], "ct.keep_ratio": [0.5], "ct.floor_k": [50],
+              "base.epochs": 1, "base.milestones": [1]}
+
+
+def test_real_worker_process_matches_local_mode(fm_badnet, tmp_path):
+    """The same loop in a real Ray Train worker process (DDP group of one) and in local mode gives the
+    same per-sample losses and flags: one code path for 0, 1 and N workers. Detection with worker
+    processes at full length runs in the slow suite (1 and 2 workers)."""
+    loc = detect(_cfg(fm_badnet, str(tmp_path / "local"), **TWO_ROUNDS))
+    wrk = detect(_cfg(fm_badnet, str(tmp_path / "worker"), **{**TWO_ROUNDS, "scale.num_workers": 1}))
+    _check_accounting(wrk.run_dir, N_TRAIN, rounds=2)
+    a = pq.read_table(f"{loc.run_dir}/scores.parquet").to_pandas().sort_values(["shard", "key"]).reset_index()
+    b = pq.read_table(f"{wrk.run_dir}/scores.parquet").to_pandas().sort_values(["shard", "key"]).reset_index()
+    for c in ("round_loss_0", "round_loss_1"):
+        assert np.allclose(a[c], b[c], atol=1e-4), (c, float(np.abs(a[c] - b[c]).max()))
+    assert (a["flagged"] == b["flagged"]).all() and loc.cleansed_classes == wrk.cleansed_classes
+    assert json.load(open(f"{wrk.run_dir}/rounds.json"))[0]["kept"] == json.load(
+        open(f"{loc.run_dir}/rounds.json"))[0]["kept"]
+
+
+@pytest.mark.slow
+def test_detects_badnet_one_real_worker(fm_badnet, tmp_path):
+    """badnet at 2% of 4,000 in a real Ray Train worker process, the full smoke schedule."""
+    out = str(tmp_path / "run")
+    res = detect(_cfg(fm_badnet, out, **{"scale.num_workers": 1, **PRETRAIN}))
+    m = res.metrics["ct"]
+    assert m["tpr"] >= 0.8, m
+    assert m["fpr"] <= 0.01, m
+    _check_accounting(out, N_TRAIN)
 
 
 def test_bad_input_is_quarantined_and_every_sample_accounted(fm_badnet, tmp_path):

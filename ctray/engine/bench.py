@@ -98,10 +98,17 @@ def _cell_config(cell: dict[str, Any], settings: dict[str, Any]) -> Config:
     return load_config(settings["preset"], ov)
 
 
+_RESULT_SECTIONS = ("seed", "data", "base", "ct", "decide", "bench", "act")
+_RESOURCE_KEYS = ("read_cpus", "score_batch_size", "score_actors", "score_cpus")
+
+
 def _fingerprint(cfg: Config, cell: dict[str, Any], settings: dict[str, Any]) -> str:
-    d = cfg.to_dict()
+    full = cfg.to_dict()
+    # only what changes a cell's rows: later config sections (other features) and resource knobs must
+    # not make a finished grid unresumable
+    d = {k: full[k] for k in _RESULT_SECTIONS if k in full}
     d["io"] = {"train": cfg.io.train, "clean": cfg.io.clean, "truth": cfg.io.truth}
-    d["scale"] = {}
+    d["data"] = {k: v for k, v in d["data"].items() if k not in _RESOURCE_KEYS}
     d["bench"] = {k: v for k, v in d["bench"].items() if k not in ("parallel", "cell_cpus")}
     blob = json.dumps({"cfg": d, "poison": cell.get("poison"), "test": cell.get("test"),
                        "triggered": cell.get("triggered")}, sort_keys=True, default=str)
