@@ -179,7 +179,7 @@ def detect(cfg: Config) -> DetectResult:
     from ctray.core.distill import distill, keep_count
     from ctray.data.reader import read_shards, usable
     from ctray.engine.score import class_projections, collect_scores, score_dataset
-    from ctray.training.loop import CONFUSED, train_loop_per_worker
+    from ctray.training.loop import CONFUSED, FBASE, train_loop_per_worker
 
     cfg.validate()
     if not cfg.io.out:
@@ -367,6 +367,19 @@ def detect(cfg: Config) -> DetectResult:
         metrics = {"ct": detection_metrics(flagged, truth[0], score)}
         rounds_poison = [ri.get("kept_poison") for ri in rounds_info]
         metrics["rounds_kept_poison"] = rounds_poison
+    # ---- optional extra column: activation statistics of f_base (BadActs transfer; ctray.engine.defenses)
+    if cfg.act.in_detect:
+        from ctray.engine.defenses import activation_scores
+
+        t_act = time.monotonic()
+        act = activation_scores(cio.join(state["fbase_ckpt"], FBASE), train_paths, clean_paths, cfg)
+        pos = {(s_, k_): i for i, (s_, k_) in enumerate(zip(act.shard.tolist(), act.key.tolist(), strict=True))}
+        at = np.array([pos[(s_, k_)] for s_, k_ in zip(shards_ok.tolist(), keys_ok.tolist(), strict=True)])
+        cols["score_act"], cols["flagged_act"] = act.score[at], act.flagged[at]
+        secs["act"] = time.monotonic() - t_act
+        if metrics is not None:
+            metrics["act"] = {**detection_metrics(act.flagged[at], truth[0], act.score[at]),  # type: ignore[index]
+                              "threshold": act.threshold}
     cio.write_parquet(cio.join(out, "scores.parquet"), pa.table(cols))
     bad = ~ok
     cio.write_parquet(cio.join(out, "quarantine.parquet"), pa.table({
