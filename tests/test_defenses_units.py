@@ -22,17 +22,16 @@ from ctray.training.steps import to_input
 
 def test_gram_offdiagonal_norm_zeroes_the_diagonal_and_the_reference_bug_differs():
     """Pitfall: the reference subtracts the diagonal VECTOR with broadcasting; the intended term is the
-    norm of the off-diagonal entries of G = M M^T / k."""
-    m = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])  # G*3 = [[1,1,0],[1,2,2],[0,2,4]]
-    g = m @ m.T / 3
-    off = g - torch.diag(torch.diagonal(g))
-    assert gram_offdiag_norm(m).item() == pytest.approx(off.norm().item())
-    assert gram_offdiag_norm(m).item() == pytest.approx(math.sqrt(2 * (1 / 3) ** 2 + 2 * (2 / 3) ** 2))
-    bug = g - torch.diagonal(g)[None, :]
+    norm of the off-diagonal entries of G = M^T M / k (M: the k x D stacked centroids)."""
+    m = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])  # k = 2 centroids, D = 3
+    g = m.T @ m / 2  # [[1, .5, 0], [.5, .5, 0], [0, 0, 0]]: diagonal (1, .5, 0), one off-diagonal pair .5
+    assert torch.equal(g, torch.tensor([[1.0, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]))
+    assert gram_offdiag_norm(m).item() == pytest.approx(math.sqrt(2 * 0.5**2))
+    bug = g - torch.diagonal(g)[None, :]  # [[0, 0, 0], [-.5, 0, 0], [-1, -.5, 0]]
     assert gram_offdiag_norm(m, offdiag=False).item() == pytest.approx(bug.norm().item())
-    assert gram_offdiag_norm(m, offdiag=False).item() != pytest.approx(gram_offdiag_norm(m).item())
-    ortho = torch.eye(3)  # orthogonal centroids: no off-diagonal mass, whatever the diagonal
-    assert gram_offdiag_norm(ortho * torch.tensor([[1.0], [5.0], [9.0]])).item() == 0.0
+    assert gram_offdiag_norm(m, offdiag=False).item() == pytest.approx(math.sqrt(0.25 + 1 + 0.25))
+    disjoint = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 5.0]])  # dims not shared
+    assert gram_offdiag_norm(disjoint).item() == 0.0  # no off-diagonal mass, whatever the diagonal
 
 
 def test_centroids_use_present_classes_and_single_sample_classes():

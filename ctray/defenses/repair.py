@@ -6,9 +6,11 @@ pivot f0 (a copy of the suspect model before tuning):
 - ``L_task``: CE(f(x), y) with labels; label-free, soft CE to the pivot's softmax at T = 1.
 - ``L_param``: mean over all trainable scalars of ``(theta - theta0)^2``.
 - ``L_slol`` (soft latent orthogonality) from the class centroids of the batch's classes, in f's
-  penultimate features z and f0's z0: the Frobenius norm of the off-diagonal part of the centroid Gram
-  ``G = M M^T / k`` (``M``: ``k x D`` centroids), plus ``1/2 sum_{i != j} cos(mu_i - mu_j, mu0_i - mu0_j)``
-  (added, so minimising rotates centroid differences away from the pivot's).
+  penultimate features z and f0's z0: the Frobenius norm of the off-diagonal part of
+  ``G = M^T M / k`` (``M``: the ``k x D`` stacked centroids, so G is the ``D x D`` uncentred covariance of
+  the centroids, "as written" in the reference, whose docstring calls it the covariance matrix), plus
+  ``1/2 sum_{i != j} cos(mu_i - mu_j, mu0_i - mu0_j)`` (added, so minimising rotates centroid
+  differences away from the pivot's).
 """
 
 from __future__ import annotations
@@ -39,14 +41,14 @@ def centroids(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def gram_offdiag_norm(m: torch.Tensor, offdiag: bool = True) -> torch.Tensor:
-    """Orthogonality term of the centroids ``m (k, D)``: the Frobenius norm of ``G``'s off-diagonal part,
-    ``G = m m^T / k``.
+    """Orthogonality term of the centroids ``m (k, D)``: the Frobenius norm of the off-diagonal part of
+    ``G = m^T m / k`` (``D x D``).
 
     ``offdiag=False`` reproduces the reference code, which subtracts the diagonal *vector* with
     broadcasting (``G - diag(G)[None, :]``) instead of zeroing the diagonal (seed-defenses.md §1.2).
     """
     k = m.shape[0]
-    g = m @ m.T / max(k, 1)
+    g = m.T @ m / max(k, 1)
     if offdiag:
         g = g - torch.diag_embed(torch.diagonal(g))
     else:
