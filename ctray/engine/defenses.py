@@ -54,6 +54,11 @@ __all__ = [
 # ------------------------------------------------------------------------------------------ helpers
 
 
+def _abs(path: str) -> str:
+    """Local paths made absolute: Ray Train workers and Ray Data actors may run in another directory."""
+    return path if cio.is_remote(path) else os.path.abspath(path)
+
+
 def _model_inputs(model_path: str) -> tuple[Any, int, dict[str, Any]]:
     """``(ImageSpec to read shards at, num_classes, checkpoint spec dict)`` of a ctray checkpoint."""
     from ctray.data.shards import ImageSpec
@@ -139,6 +144,7 @@ def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], 
     cfg.validate()
     if not out:
         raise ConfigError("no output checkpoint: give --out")
+    model_path, out = _abs(model_path), _abs(out)
     ensure_ray()
     what = "trusted clean" if method == "repair" else "unlabeled"
     ds, paths = _read(shards, model_path, cfg, what)
@@ -248,6 +254,7 @@ def _audit_task(classes: list[int], spec: dict[str, Any], state: dict[str, Any],
     ref.load_state_dict(ref_state)
     model.eval()
     ref.eval()
+    data = {k: np.array(v) for k, v in data.items()}  # object-store arrays are read-only
     x_opt, y_opt = pixels01(torch.from_numpy(data["x_opt"])), torch.from_numpy(data["y_opt"])
     x_ev, y_ev = pixels01(torch.from_numpy(data["x_eval"])), torch.from_numpy(data["y_eval"])
     out = []
@@ -291,6 +298,7 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
     cfg.validate()
     ensure_ray()
     t0 = time.monotonic()
+    model_path = _abs(model_path)
     ds, paths = _read(clean, model_path, cfg, "trusted clean")
     _, C, spec = _model_inputs(model_path)
     if ref is None:
@@ -530,6 +538,7 @@ def activation_scores(model_path: str, shards: Sequence[str], clean_shards: Sequ
     cfg.validate()
     ensure_ray()
     t0 = time.monotonic()
+    model_path = _abs(model_path)
     fit = fit_act_intervals(model_path, clean_shards, cfg)
     ds, paths = _read(shards, model_path, cfg, "scored")
     sc = _collect(_act_pass(ds, model_path, cfg, "score", {k: fit[k] for k in ("lo", "hi", "active")}),
@@ -658,6 +667,7 @@ def evaluate_purified(model_path: str, test: Sequence[str] | None, triggered: Se
     from ctray.data.reader import read_shards
     from ctray.data.shards import expand_shards
 
+    model_path = _abs(model_path)
     spec, C, _ = _model_inputs(model_path)
     out: dict[str, dict[str, float | None]] = {"plain": {"acc": None, "asr": None},
                                                "purified": {"acc": None, "asr": None}}
