@@ -1,5 +1,5 @@
 """Model-level defenses per attack (a script): train backdoored and clean models, then repair, cleanse,
-audit and activation-score them, all in ONE Ray session (docs/defenses.md).
+audit and activation-score them, all in ONE Ray session (docs/defenses.md has the figures).
 
     python -m ctray.benchmarks.defenses --base DIR --unlabeled SHARDS --out DIR [--preset small]
         [--rate 0.05] [--attacks badnet,blend,wanet] [--clean-seeds 0,1,2] [--trusted N]
@@ -9,9 +9,11 @@ audit and activation-score them, all in ONE Ray session (docs/defenses.md).
 (``OUT/data/<attack>``), train a model on it (``OUT/models/<attack>.pt``, ``ctray train`` with the preset's
 ``base.*``), evaluate; repair it with the first ``--trusted`` samples' shards of the trusted set
 (``OUT/data/trusted``: ``--trusted`` images drawn from the clean reserve, 1% of the training size by
-default) and evaluate; cleanse it on ``--unlabeled`` and evaluate; audit it. Clean models (one per seed in
-``--clean-seeds``) are trained on the unpoisoned base and audited too, which gives the audit's AUROC.
-The activation score of each attacked model on its own training set gives a detector row.
+default) and evaluate; cleanse it on ``--unlabeled`` and evaluate; audit it (its repaired model is the audit's reference: the same ``repair.*``). Clean models (one per
+seed in ``--clean-seeds``) are trained on the unpoisoned base and audited too (their references are
+pivotal-tuned inside the audit), which gives the audit's AUROC. The activation score of each attacked
+model on its own training set, with the base's whole clean reserve as the trusted set (half fits the
+intervals, half sets the threshold), gives a detector row.
 
 Every result is appended to ``OUT/defenses.json`` as it finishes, and a re-run skips what is there (and
 checkpoints that exist), so the script resumes. Markdown tables go to stdout and ``OUT/defenses.md``.
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 **ev(bcu, data)})
         if "act" in steps:
             def _act(ckpt: str = ckpt, data: str = data) -> dict[str, Any]:
-                a = activation_scores(ckpt, [f"{data}/train-*.tar"], clean_spec, cfg_for())
+                a = activation_scores(ckpt, [f"{data}/train-*.tar"], [f"{args.base}/clean-*.tar"], cfg_for())
                 poison, _ = load_truth(os.path.join(data, "truth.parquet"), a.shard, a.key)
                 m = detection_metrics(a.flagged, poison, a.score)
                 return {k: m[k] for k in ("tpr", "fpr", "precision", "auroc", "auprc", "n_poison", "n_flagged")}
@@ -155,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     if "audit" in steps:
         for name, (ckpt, _, _) in models.items():
             if os.path.exists(ckpt):
-                step(f"{name}/audit", lambda ckpt=ckpt, name=name: {
-                    k: v for k, v in audit_model(cfg_for(), ckpt, clean_spec, os.path.join(args.out, "audit", name)
-                                                 ).to_dict().items() if k in ("score", "target", "backdoored", "per_class")})
+                rep = os.path.join(args.out, "models", f"{name}-repaired.pt")
+                ref = rep if f"{name}/repair" in results and os.path.exists(rep) else None
+                step(f"{name}/audit", lambda ckpt=ckpt, name=name, ref=ref: {
+                    k: v for k, v in audit_model(cfg_for(), ckpt, clean_spec, os.path.join(args.out, "audit", name),
+                                                 ref=ref).to_dict().items()
+                    if k in ("score", "target", "backdoored", "per_class")})
         import numpy as np
 
         names = [n for n in models if f"{n}/audit" in results]
