@@ -159,7 +159,8 @@ def test_activation_score_detects_planted_poison(models, tmp_path, capsys):
     assert res["n"] == 2000 and res["n_poison"] == 100
     assert res["auroc"] >= 0.8, res
     t = pq.read_table(out).to_pandas()
-    assert list(t.columns) == ["shard", "key", "score", "flagged", "truth_poison"]
+    assert list(t.columns) == ["shard", "key", "label", "score", "flagged", "truth_poison"]
+    assert t["label"].between(0, 9).all() and (t["label"][t["truth_poison"]] == 0).all()  # badnet relabels to 0
     assert ((t["score"] > res["threshold"]) == t["flagged"]).all()
     assert t["score"].between(0, 1).all()
 

@@ -405,7 +405,7 @@ class _ActMapper:
         if self.op == "score":
             f = self._features(batch["image"])
             s = out_of_interval_score(f, self.p["lo"], self.p["hi"], self.p["active"])
-            return {"shard": batch["shard"], "key": batch["key"], "sid": batch["sid"], "score": s}
+            return {"shard": batch["shard"], "key": batch["key"], "sid": batch["sid"], "label": batch["label"], "score": s}
         a = hash_split(batch["sid"], 0.5, self.p["split_seed"])
         f = self._features(batch["image"][a]) if a.any() else None
         if self.op == "moments":
@@ -425,11 +425,13 @@ class ActScores:
     interval; **higher = more suspicious**. Flag rule: ``flagged = score > threshold``, where
     ``threshold`` is the ``1 - act.frr`` quantile of the scores of clean half B (the trusted samples whose
     sample-id hash falls in B; the intervals are fitted on half A only), so about ``act.frr`` of clean
-    data is flagged. Rows: the usable samples of the scored shards, sorted by ``(shard, key)``.
+    data is flagged. Rows: the usable samples of the scored shards, sorted by ``(shard, key)``; ``label`` is
+    each sample's given label (int64), so the rows drop into ``ctray bench``'s per-method score files.
     """
 
     shard: np.ndarray
     key: np.ndarray
+    label: np.ndarray
     score: np.ndarray
     flagged: np.ndarray
     threshold: float
@@ -440,8 +442,9 @@ class ActScores:
     seconds: float
 
     def to_table(self) -> pa.Table:
-        """``shard, key, score, flagged`` as a pyarrow Table."""
-        return pa.table({"shard": self.shard, "key": self.key, "score": self.score, "flagged": self.flagged})
+        """``shard, key, label, score, flagged`` as a pyarrow Table."""
+        return pa.table({"shard": self.shard, "key": self.key, "label": self.label, "score": self.score,
+                         "flagged": self.flagged})
 
 
 def _act_pass(ds: Any, model_path: str, cfg: Config, op: str, payload: dict[str, Any]) -> Any:
@@ -542,10 +545,11 @@ def activation_scores(model_path: str, shards: Sequence[str], clean_shards: Sequ
     fit = fit_act_intervals(model_path, clean_shards, cfg)
     ds, paths = _read(shards, model_path, cfg, "scored")
     sc = _collect(_act_pass(ds, model_path, cfg, "score", {k: fit[k] for k in ("lo", "hi", "active")}),
-                  ("shard", "key", "score"))
+                  ("shard", "key", "label", "score"))
     order = np.lexsort((sc["key"].astype(str), sc["shard"].astype(str)))
     score = sc["score"][order].astype(np.float64)
-    res = ActScores(shard=sc["shard"][order].astype(str), key=sc["key"][order].astype(str), score=score,
+    res = ActScores(shard=sc["shard"][order].astype(str), key=sc["key"][order].astype(str),
+                    label=sc["label"][order].astype(np.int64), score=score,
                     flagged=score > fit["threshold"], threshold=float(fit["threshold"]), n_fit=fit["n_fit"],
                     n_calib=fit["n_calib"], n_active=fit["n_active"], n_neurons=fit["n_neurons"],
                     seconds=time.monotonic() - t0)
