@@ -279,7 +279,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--target", type=int, default=0, help="attack target class")
     g.add_argument("--seed", type=int, default=0, help="poisoning seed")
     p.add_argument("--out", required=True, help="bench directory (re-running with it skips finished work)")
-    p.add_argument("--methods", default="ct,ss,ac,strip,scan", help="comma list of ct, ss, ac, strip, scan")
+    p.add_argument("--methods", default="ct,ss,ac,strip,scan,act",
+                   help="comma list of ct, ss, ac, strip, scan, act (activation statistics)")
     p.add_argument("--preset", default=None, help="preset for every cell (default: chosen from the data)")
     p.add_argument("--retrain", action="store_true",
                    help="retrain on each method's kept samples and report acc / asr (one training per method)")
@@ -306,6 +307,149 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ model-level defenses
+
+
+def _add_defense_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="preset whose defense schedule to use (default: small)")
+    p.add_argument("--config", default=None, help="YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. repair.steps=300 cleanse.epochs=20")
+
+
+def _defense_cfg(args: argparse.Namespace) -> object:
+    from ctray.config import load_config, parse_overrides
+
+    return load_config(args.preset or "small", parse_overrides(args.overrides), args.config)
+
+
+def _add_repair(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("repair", help="Pivotal Tuning: repair a backdoored model with a small trusted labelled set")
+    p.add_argument("--model", required=True, metavar="CKPT", help="suspect model (ctray checkpoint)")
+    p.add_argument("--clean", action="append", required=True, metavar="SHARDS",
+                   help="trusted labelled shards (about 1%% of the training size; repeatable)")
+    p.add_argument("--out", required=True, metavar="CKPT2", help="repaired checkpoint to write")
+    _add_defense_config(p)
+    p.set_defaults(func=_run_repair)
+
+
+def _run_repair(args: argparse.Namespace) -> int:
+    from ctray.engine.defenses import repair_model
+
+    res = repair_model(_defense_cfg(args), args.model, args.clean, args.out)  # type: ignore[arg-type]
+    i = res.info
+    print(json.dumps({"ckpt": res.ckpt, "n_fit": res.n_fit, "n_held": res.n_held, "steps_done": i.get("steps_done"),
+                      "stopped_early": i.get("stopped_early"), "held_acc_before": i.get("held_acc_before"),
+                      "held_acc_after": i.get("held_acc_after"), "seconds": round(res.seconds, 1)}))
+    return 0
+
+
+def _add_cleanse(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cleanse-model", help="BCU: cleanse a backdoored model by distillation on unlabeled images")
+    p.add_argument("--model", required=True, metavar="CKPT", help="suspect model (ctray checkpoint)")
+    p.add_argument("--unlabeled", action="append", required=True, metavar="SHARDS",
+                   help="unlabeled (possibly out-of-distribution) image shards; labels are ignored (repeatable)")
+    p.add_argument("--out", required=True, metavar="CKPT2", help="cleansed checkpoint to write")
+    _add_defense_config(p)
+    p.set_defaults(func=_run_cleanse)
+
+
+def _run_cleanse(args: argparse.Namespace) -> int:
+    from ctray.engine.defenses import cleanse_model
+
+    res = cleanse_model(_defense_cfg(args), args.model, args.unlabeled, args.out)  # type: ignore[arg-type]
+    hist = res.info.get("history") or [{}]
+    print(json.dumps({"ckpt": res.ckpt, "n_fit": res.n_fit, "n_held": res.n_held,
+                      "epochs": len(res.info.get("history") or []), "selected_epoch": res.info.get("selected_epoch"),
+                      "held_agree_last": hist[-1].get("held_agree"), "reinit_mean": res.info.get("reinit_mean"),
+                      "seconds": round(res.seconds, 1)}))
+    return 0
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="Calibrated Trigger Inversion: is a model backdoored, and to which class?")
+    p.add_argument("--model", required=True, metavar="CKPT", help="suspect model (ctray checkpoint)")
+    p.add_argument("--clean", action="append", required=True, metavar="SHARDS", help="trusted labelled shards")
+    p.add_argument("--out", default=None, metavar="DIR", help="write audit.json and the inverted triggers (PNG) here")
+    p.add_argument("--ref", default=None, metavar="CKPT", help="an existing pivotal-tuned reference (skips the repair)")
+    p.add_argument("--cache", default=None, metavar="DIR", help="reference-model cache (default OUT/ref-cache)")
+    p.add_argument("--json", action="store_true", help='print {"score", "target", "per_class": [...], ...}')
+    _add_defense_config(p)
+    p.set_defaults(func=_run_audit)
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from ctray.engine.defenses import audit_model
+
+    res = audit_model(_defense_cfg(args), args.model, args.clean, args.out, args.ref, args.cache)  # type: ignore[arg-type]
+    if args.json:
+        d = res.to_dict()
+        print(json.dumps({k: d[k] for k in ("score", "target", "per_class", "backdoored", "threshold",
+                                             "reference_score", "ref_ckpt", "n_opt", "n_eval")}))
+    else:
+        print(f"score {res.score:.4f} (max success gap; higher = more suspicious), target class {res.target}, "
+              f"backdoored: {res.backdoored} (threshold {res.threshold})")
+        for r in res.per_class:
+            print(f"  class {r['class']}: gap {r['gap']:+.3f} (asr model {r['asr_model']:.3f}, reference {r['asr_ref']:.3f})")
+        if args.out:
+            print(f"triggers and audit.json in {args.out}")
+    return 0
+
+
+def _add_act(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("act-score", help="activation statistics (BadActs): score samples by out-of-interval activations")
+    p.add_argument("--model", required=True, metavar="CKPT", help="model trained on the suspect data")
+    p.add_argument("--train", action="append", required=True, metavar="SHARDS", help="shards to score (repeatable)")
+    p.add_argument("--clean", action="append", required=True, metavar="SHARDS",
+                   help="trusted clean shards: half fits the intervals, half sets the threshold")
+    p.add_argument("--out", required=True, metavar="PARQUET", help="scores: shard, key, score, flagged (+ truth)")
+    p.add_argument("--truth", default=None, help="ground truth parquet/csv: adds TPR/FPR/AUROC")
+    _add_defense_config(p)
+    p.set_defaults(func=_run_act)
+    p = sub.add_parser("purify", help="learn BadActs activation-clamping bounds on trusted data; evaluate")
+    p.add_argument("--model", required=True, metavar="CKPT")
+    p.add_argument("--clean", action="append", required=True, metavar="SHARDS", help="trusted labelled shards")
+    p.add_argument("--out", required=True, metavar="CKPT2", help="checkpoint with the clamp bounds")
+    p.add_argument("--test", action="append", default=None, metavar="SHARDS", help="clean test shards to evaluate on")
+    p.add_argument("--triggered", action="append", default=None, metavar="SHARDS", help="triggered test shards")
+    _add_defense_config(p)
+    p.set_defaults(func=_run_purify)
+
+
+def _run_act(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    from ctray import io as cio
+    from ctray.engine.defenses import activation_scores
+
+    res = activation_scores(args.model, args.train, args.clean, _defense_cfg(args))  # type: ignore[arg-type]
+    table = res.to_table()
+    out = {"n": len(res.score), "flagged": int(res.flagged.sum()), "threshold": res.threshold, "n_fit": res.n_fit,
+           "n_calib": res.n_calib, "seconds": round(res.seconds, 1)}
+    if args.truth:
+        from ctray.core.metrics import detection_metrics
+        from ctray.engine.detect import load_truth
+
+        poison, _ = load_truth(args.truth, res.shard, res.key)
+        table = table.append_column("truth_poison", pa.array(poison))
+        m = detection_metrics(res.flagged, poison, res.score)
+        out.update({k: m[k] for k in ("tpr", "fpr", "precision", "auroc", "auprc", "n_poison")})
+    cio.write_parquet(args.out, table)
+    print(json.dumps(out))
+    return 0
+
+
+def _run_purify(args: argparse.Namespace) -> int:
+    from ctray.engine.defenses import evaluate_purified, purify_model
+
+    cfg = _defense_cfg(args)
+    res = purify_model(cfg, args.model, args.clean, args.out)  # type: ignore[arg-type]
+    out: dict[str, object] = {"ckpt": res.ckpt, **res.info, "seconds": round(res.seconds, 1)}
+    if args.test or args.triggered:
+        out["eval"] = evaluate_purified(args.out, args.test, args.triggered, cfg.data)  # type: ignore[attr-defined]
+    print(json.dumps(out))
+    return 0
+
+
 def _add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("detect", help="run Confusion Training over shards and write a run directory")
     _add_run_options(p, True)
@@ -327,6 +471,10 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_run_demo)
     _add_train_eval(sub)
+    _add_repair(sub)
+    _add_audit(sub)
+    _add_cleanse(sub)
+    _add_act(sub)
     p = sub.add_parser("report", help="(re)write report.html of a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=_run_report)

@@ -194,6 +194,107 @@ class SweepConfig:
     baseline: bool = True  # also run the preset unchanged, so the best trial is read next to it
 
 
+# ------------------------------------------------------------------------ model-level defenses
+# Defaults are the published settings (seed-defenses.md; CIFAR-10 scale). The `small` / `smoke` presets
+# hold the CPU schedules measured in docs/defenses.md.
+
+
+@dataclass
+class RepairConfig:
+    """Pivotal Tuning (Lukas & Kerschbaum 2023, seed-defenses.md §1.2): fine-tune the suspect model on the
+    trusted labelled set while anchoring its weights to the frozen pivot and rotating the class-centroid
+    geometry away from the pivot's. Defaults: the reference code's dataclass (CIFAR-10 scale)."""
+
+    steps: int = 2000  # reference default; a fixed step budget, not epochs
+    lr: float = 1e-4  # SGD lr of the reference (ImageNet follow-up: 5.1e-4)
+    momentum: float = 0.9  # SGD with Nesterov momentum 0.9 (reference)
+    nesterov: bool = True
+    weight_decay: float = 0.0  # reference: 0 (L_param is the regulariser)
+    batch_size: int = 128  # reference; global batch, split across workers
+    lam_slol: float = 0.05  # weight of the soft latent orthogonality loss (reference)
+    lam_param: float = 2e4  # weight of mean((theta - theta0)^2) (reference)
+    use_labels: bool = True  # def_use_ground_truth=True; False = soft CE to the pivot's softmax (T=1)
+    slol_offdiag: bool = True  # the intended off-diagonal Gram norm; False = the reference's diagonal-vector bug
+    slol_gather: bool = False  # all-gather z, z0, y across ranks before the centroids (False = per-rank centroids)
+    eval_every: int = 50  # held-out accuracy check every this many steps (reference)
+    min_cda: float = 0.01  # stop when held-out accuracy falls to or below this (reference)
+    holdout_frac: float = 0.1  # share of the trusted set held out (by sample id) for monitoring: the reference
+    #                            monitors on the test set, which ctray never touches
+    augment: str = "crop-flip"  # the spec is silent; the base recipe's augmentation ("crop", "none" for digits)
+
+
+@dataclass
+class AuditConfig:
+    """Calibrated Trigger Inversion (seed-defenses.md §1.3): per candidate target c, invert a full-image
+    additive trigger that flips the suspect model to c but keeps its pivotal-tuned copy (``repair.*``)
+    on the true labels; the model score is the largest success gap."""
+
+    steps_per_class: int = 50  # nc_steps_per_class (reference)
+    lr: float = 0.01  # Adam (reference)
+    beta1: float = 0.5  # Adam betas (0.5, 0.9) (reference)
+    beta2: float = 0.9
+    batch_size: int = 128  # reference
+    init_max: float = 0.01  # delta ~ U(0, init_max) in [0, 1] pixel space (reference)
+    ref_weight: float = 0.5  # weight of CE(f_ref(x + delta), y) (reference)
+    flip: bool = True  # random horizontal flip of the optimisation batch (reference)
+    eval_frac: float = 0.5  # trusted share held out (by sample id) to measure the gap; the reference uses the
+    #                         test set, which ctray never touches
+    classes: list[int] = field(default_factory=list)  # candidate targets; empty = every class
+    threshold: float = 0.5  # "backdoored" when score > this; set from clean models' scores (docs/defenses.md)
+    task_cpus: float = 0.5  # CPUs per Ray task (fractional: several classes in parallel on a small box)
+    classes_per_task: int = 1  # candidate classes per Ray task (chunk on big K to amortise model loading)
+
+
+@dataclass
+class CleanseConfig:
+    """BCU, Backdoor Cleansing with Unlabeled data (Pang et al. CVPR 2023, seed-defenses.md §3.2): a
+    student = the teacher with a depth-growing share of conv/linear weights re-initialised (norm layers
+    kept), distilled from the teacher on unlabeled images with a rising temperature."""
+
+    ratios: list[float] = field(default_factory=lambda: [0.01, 0.01, 0.03, 0.09, 0.27])  # stem, stage 1..4
+    #                   (run_defense.sh --layerwise_ratio, ResNet-18); other models: depth quantiles of their layers
+    head_ratio: float = 0.10  # re-initialised share of the final linear layer (reference)
+    epochs: int = 100  # reference
+    lr: float = 0.01  # SGD (reference)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    t_max: int = 100  # CosineAnnealingLR(T_max=100), stepped per epoch (reference)
+    batch_size: int = 256  # reference
+    t_start: float = 1.0  # temperature T_e = t_start + t_add * (e + 1) / epochs: ~1.03 .. 4 (reference)
+    t_add: float = 3.0
+    augment: str = "crop-flip"  # standard training augmentation (reference get_transform)
+    select: str = "last"  # "last": the reference saves the last epoch; "agree": the epoch agreeing most with
+    #                      the teacher on the held-out unlabeled split (never the test set)
+    holdout_frac: float = 0.1  # unlabeled share held out (by sample id) for monitoring/selection
+
+
+@dataclass
+class ActConfig:
+    """Activation statistics (BadActs, Yi et al. 2024, seed-defenses.md §2; the image transfer §2.5 is
+    ctray's design): per-channel clean intervals of block outputs, the out-of-interval share as a
+    per-sample score, and a learned activation-clamping purifier."""
+
+    mode: str = "gauss"  # "gauss": mu +- delta sigma (paper); "quantile": [q_alpha, q_(1-alpha)] (robust)
+    delta: float = 3.0  # band half-width in sigmas (runner scripts; class default 2)
+    alpha: float = 0.001  # quantile mode tail share per side
+    bins: int = 1024  # quantile mode: histogram bins per neuron (quantile error <= range / bins)
+    pool: str = "avg+max"  # per-channel reduction over H x W: "avg", "max" or both (patch triggers are spikes)
+    sigma_floor: float = 1e-4  # guards sigma = 0 of dead channels (absolute, in activation units)
+    drop_constant: bool = False  # True: leave neurons with sigma <= sigma_floor out of the score instead
+    frr: float = 0.05  # false-rejection rate on clean half B that sets the flag threshold (detection runner)
+    split_seed: int = 2024  # A/B split of the clean set by sample-id hash (the reference shuffles with 2024)
+    in_detect: bool = False  # ctray detect adds score_act / flagged_act (f_base's activations) to scores.parquet
+    # purifier: learned per-channel bounds [u - exp(m), u], weights frozen (BadActs_purification.py)
+    purify_epochs: int = 50  # reference
+    purify_lr: float = 0.01  # Adam (reference)
+    purify_batch_size: int = 32  # reference
+    purify_c: float = 0.1  # initial width penalty c (reference), adapted x/÷ purify_a
+    purify_a: float = 1.2
+    purify_keep: float = 0.98  # tighten (c *= a) while held accuracy >= this share of the unclamped model's
+    purify_min: float = 0.97  # restart with c / 2 while the final accuracy share is below this
+    purify_init: str = "ones"  # "ones": u = m = 1 (reference, tuned for BERT); "stats": the clean min/max
+
+
 @dataclass
 class Config:
     """One detection run. ``preset`` names the YAML the values came from."""
@@ -210,6 +311,10 @@ class Config:
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    repair: RepairConfig = field(default_factory=RepairConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    cleanse: CleanseConfig = field(default_factory=CleanseConfig)
+    act: ActConfig = field(default_factory=ActConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -283,12 +388,42 @@ class Config:
         if not 0 <= sw.canary_rate <= 0.1 or sw.flag_weight < 0 or sw.trial_cpus <= 0 or sw.reduction_factor <= 1:
             raise ConfigError("sweep: canary_rate must lie in [0, 0.1], flag_weight >= 0, trial_cpus > 0, "
                               f"reduction_factor > 1; got {sw}")
+        _validate_defenses(self)
         from ctray.models import MODELS
 
         for f, arch in (("base.arch", self.base.arch), ("ct.arch", self.ct.arch)):
             if arch not in MODELS:
                 raise ConfigError(f"{f}={arch!r} is not a model; known: {sorted(MODELS)}")
         return self
+
+
+def _validate_defenses(cfg: Config) -> None:
+    """Cross-field rules of the defense sections (repair, audit, cleanse, act)."""
+    r, a, c, act = cfg.repair, cfg.audit, cfg.cleanse, cfg.act
+    checks = [
+        (r.steps >= 1 and r.batch_size >= 1 and r.eval_every >= 1, "repair.steps, batch_size, eval_every must be >= 1"),
+        (r.lr > 0 and r.lam_param >= 0 and r.lam_slol >= 0, "repair.lr must be > 0, lam_* >= 0"),
+        (0 <= r.holdout_frac < 1, f"repair.holdout_frac must lie in [0, 1), got {r.holdout_frac}"),
+        (a.steps_per_class >= 1 and a.batch_size >= 1 and a.classes_per_task >= 1,
+         "audit.steps_per_class, batch_size, classes_per_task must be >= 1"),
+        (0 < a.eval_frac < 1, f"audit.eval_frac must lie in (0, 1), got {a.eval_frac}"),
+        (a.task_cpus > 0, f"audit.task_cpus must be > 0 (fractional is fine), got {a.task_cpus}"),
+        (len(c.ratios) >= 1 and all(0 <= x <= 1 for x in [*c.ratios, c.head_ratio]),
+         f"cleanse.ratios / head_ratio must lie in [0, 1], got {c.ratios} / {c.head_ratio}"),
+        (c.epochs >= 1 and c.batch_size >= 1 and c.t_max >= 1, "cleanse.epochs, batch_size, t_max must be >= 1"),
+        (c.select in ("last", "agree"), f"cleanse.select must be 'last' or 'agree', got {c.select!r}"),
+        (0 <= c.holdout_frac < 1, f"cleanse.holdout_frac must lie in [0, 1), got {c.holdout_frac}"),
+        (c.select == "last" or c.holdout_frac > 0, "cleanse.select=agree needs cleanse.holdout_frac > 0"),
+        (act.mode in ("gauss", "quantile"), f"act.mode must be 'gauss' or 'quantile', got {act.mode!r}"),
+        (act.pool in ("avg", "max", "avg+max"), f"act.pool must be avg, max or avg+max, got {act.pool!r}"),
+        (0 <= act.frr < 1, f"act.frr must lie in [0, 1), got {act.frr}"),
+        (act.purify_init in ("ones", "stats"), f"act.purify_init must be 'ones' or 'stats', got {act.purify_init!r}"),
+    ]
+    for aug, name in ((r.augment, "repair.augment"), (c.augment, "cleanse.augment")):
+        checks.append((aug in ("crop-flip", "crop", "none"), f"{name} must be crop-flip, crop or none, got {aug!r}"))
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -311,6 +311,7 @@ tr.hl td{background:#fbe3e3}
 img.plot{max-width:100%;height:auto;display:block;margin:6px 0}
 .na{color:#888;font-style:italic}
 .note{color:#555;font-size:13px}
+img.inline{width:56px;height:56px;image-rendering:pixelated}
 .thumbs{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px}
 .thumb{border:1px solid #ddd;border-radius:4px;padding:6px;text-align:center;font-size:10.5px;
 background:#fafafa;overflow:hidden}
@@ -955,3 +956,57 @@ def _section_quarantine(page: _Page, d: _RunData) -> None:
     rows = [[_e(r["shard"]), _e(r["key"]), _e(r["reason"]), _e(r["level"])] for _, r in first.iterrows()]
     body += f"<h3>First {len(first)} rows</h3>" + _table(["shard", "key", "reason", "level"], rows, cls="wrap")
     page.add("quarantine", title, body)
+
+
+# ----------------------------------------------------------------------------------------------------
+# model audit page (ctray audit --out DIR)
+
+AUDIT_REPORT_NAME = "audit.html"
+
+
+def write_audit_report(audit_dir: str) -> str:
+    """Write ``audit_dir/audit.html``: the verdict, the per-class success gaps and the inverted triggers.
+
+    Args:
+        audit_dir: local directory written by ``ctray audit --out`` (``audit.json``, ``trigger-c<k>.png``,
+            ``triggered.png``).
+
+    Returns:
+        The path of the written page.
+
+    Raises:
+        DataError: ``audit.json`` is missing or unreadable.
+    """
+    res = _read_required_json(os.path.join(audit_dir, "audit.json"))
+    page = _Page(plots_dir=audit_dir)
+    verdict = "backdoored" if res.get("backdoored") else "no backdoor found"
+    page.add("summary", "Verdict", _kv_table([
+        ("verdict", f"<b>{_e(verdict)}</b> (score {_fmt(res.get('score'))} vs threshold {_fmt(res.get('threshold'))})"),
+        ("suspected target class", _fmt(res.get("target"))),
+        ("score", "largest success gap ASR(model) - ASR(pivotal-tuned reference); higher = more suspicious"),
+        ("trusted images", f"{_fmt(res.get('n_opt'))} to invert, {_fmt(res.get('n_eval'))} to measure"),
+        ("reference model", _e(res.get("ref_ckpt"))),
+        ("time", _fmt_seconds(res.get("seconds")))]))
+    cells = []
+    for name, cap in (("trigger.png", f"trigger of class {res.get('target')}"),
+                      ("triggered.png", "a trusted image with it")):
+        p = os.path.join(audit_dir, name)
+        if os.path.exists(p):
+            with open(p, "rb") as f:
+                cells.append(f'<div class="thumb">{_img_tag(f.read(), cap)}<div class="cap">{_e(cap)}</div></div>')
+    page.add("trigger", "Inverted trigger", f'<div class="thumbs">{"".join(cells)}</div>' if cells else _na())
+    rows, hl = [], []
+    for r in res.get("per_class", []):
+        p = os.path.join(audit_dir, f"trigger-c{r['class']}.png")
+        pic = ""
+        if os.path.exists(p):
+            with open(p, "rb") as f:
+                pic = _img_tag(f.read(), f"trigger of class {r['class']}", cls="inline")
+        rows.append([_fmt(r["class"]), _fmt(r["gap"]), _fmt(r["asr_model"]), _fmt(r["asr_ref"]), pic])
+        hl.append(r["class"] == res.get("target"))
+    page.add("classes", "Per candidate class",
+             _table(["class", "gap", "ASR model", "ASR reference", "trigger"], rows, highlight=hl) if rows else _na())
+    out = os.path.join(audit_dir, AUDIT_REPORT_NAME)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(page.render("ctray model audit", "Calibrated Trigger Inversion (Lukas &amp; Kerschbaum 2023)"))
+    return out

@@ -42,7 +42,8 @@ from ctray.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 #: Detection methods ``bench`` compares, in table order.
-METHODS = ("ct",) + BASELINE_METHODS
+# "act": the activation-statistics score (BadActs transfer, ctray.engine.defenses) on the same f_base
+METHODS = ("ct",) + BASELINE_METHODS + ("act",)
 #: The retraining reference row: f_base, trained on every sample (acc / asr without any defense).
 NO_DEFENSE = "no-defense"
 #: Columns of bench.parquet, in order.
@@ -210,6 +211,17 @@ def run_cell(cell: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, A
 
             log.info("bench %s: training f_base alone (ct is not among the methods)", name)
             train_model(cfg, fbase, extra={"bench": name, "role": "fbase"})
+    if "act" in base_missing:
+        from ctray.engine.defenses import activation_scores
+
+        a = activation_scores(fbase, cfg.io.train, cfg.io.clean, cfg)  # flag rule: score > threshold (FRR act.frr)
+        cio.write_parquet(mpath("scores", "act", "parquet"), pa.table({
+            "shard": a.shard, "key": a.key, "label": a.label, "score": a.score, "flagged": a.flagged}))
+        row = _row(name, "act", detection_metrics(a.flagged, _truth_mask(cell.get("truth"), a.shard, a.key), a.score),
+                   a.seconds, {"frr": cfg.act.frr, "threshold": a.threshold, "mode": cfg.act.mode,
+                               "n_fit": a.n_fit, "n_calib": a.n_calib})
+        cio.write_json(mpath("methods", "act", "json"), {"row": row})
+        base_missing = [m for m in base_missing if m != "act"]
     if base_missing:
         from ctray.engine.baselines import run_baselines
 
@@ -335,7 +347,7 @@ def bench(out: str, *, train: Sequence[str] | None = None, clean: Sequence[str] 
 
     Args:
         out: the bench directory; rerunning with it skips finished methods and cells.
-        methods: subset of :data:`METHODS` (``ct, ss, ac, strip, scan``).
+        methods: subset of :data:`METHODS` (``ct, ss, ac, strip, scan, act``).
         preset: config preset for every cell (default: chosen from the data, as ``ctray detect`` does).
         overrides: ``key=value`` config overrides for every cell (``ct.*``, ``base.*``, ``bench.*``...).
         retrain: also train a fresh model on each method's kept samples (and report f_base as the

@@ -206,7 +206,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     )
     from ctray.engine.canary import canary_dataset, plan_canaries
     from ctray.engine.score import class_projections, collect_scores, score_dataset
-    from ctray.training.loop import CONFUSED, train_loop_per_worker
+    from ctray.training.loop import CONFUSED, FBASE, train_loop_per_worker
 
     cfg.validate()
     if not cfg.io.out:
@@ -460,6 +460,19 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         metrics = {"ct": detection_metrics(flagged[:n], truth[0][:n], score[:n])}
         rounds_poison = [ri.get("kept_poison") for ri in rounds_info]
         metrics["rounds_kept_poison"] = rounds_poison
+    # ---- optional extra column: activation statistics of f_base (BadActs transfer; ctray.engine.defenses)
+    if cfg.act.in_detect:
+        from ctray.engine.defenses import activation_scores
+
+        t_act = time.monotonic()
+        act = activation_scores(cio.join(state["fbase_ckpt"], FBASE), train_paths, clean_paths, cfg)
+        pos = {(s_, k_): i for i, (s_, k_) in enumerate(zip(act.shard.tolist(), act.key.tolist(), strict=True))}
+        at = np.array([pos[(s_, k_)] for s_, k_ in zip(shards_ok.tolist(), keys_ok.tolist(), strict=True)])
+        cols["score_act"], cols["flagged_act"] = act.score[at], act.flagged[at]
+        secs["act"] = time.monotonic() - t_act
+        if metrics is not None:
+            metrics["act"] = {**detection_metrics(act.flagged[at], truth[0], act.score[at]),  # type: ignore[index]
+                              "threshold": act.threshold}
     cio.write_parquet(cio.join(out, "scores.parquet"), pa.table(cols))
     bad = ~ok
     cio.write_parquet(cio.join(out, "quarantine.parquet"), pa.table({

@@ -1,0 +1,691 @@
+"""Drivers of the model-level defenses (seed-defenses.md): ``ctray repair``, ``audit``, ``cleanse-model``,
+``act-score`` and ``purify``.
+
+Ray paths, one per method's shape:
+
+- repair (Pivotal Tuning) and cleanse (BCU): a Ray Train fit of ``ctray.training.finetune`` over the
+  trusted / unlabeled shards read by Ray Data (local mode with ``scale.num_workers=0``; DDP otherwise).
+- audit (Calibrated Trigger Inversion): the reference model is a repair of the suspect model (cached by
+  a hash of model bytes, trusted shards and ``repair.*``); the candidate classes are independent Ray
+  tasks with fractional CPUs, the trusted set and both models put in the object store once.
+- activation statistics (BadActs for images): three Ray Data ``map_batches`` passes with a model-holding
+  actor: per-batch mergeable statistics on clean half A (reduced on the driver), per-sample scores of
+  clean half B (threshold) and of the scored shards (streamed; only shard, key, score reach the driver).
+
+Every method's monitoring, early stopping or selection uses a held-out split of the trusted/unlabeled
+data chosen by sample-id hash; none reads a test set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ctray import io as cio
+from ctray.config import Config
+from ctray.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ActScores",
+    "AuditResult",
+    "FinetuneResult",
+    "PurifyResult",
+    "activation_scores",
+    "audit_model",
+    "cleanse_model",
+    "load_purified",
+    "purify_model",
+    "repair_model",
+]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _abs(path: str) -> str:
+    """Local paths made absolute: Ray Train workers and Ray Data actors may run in another directory."""
+    return path if cio.is_remote(path) else os.path.abspath(path)
+
+
+def _model_inputs(model_path: str) -> tuple[Any, int, dict[str, Any]]:
+    """``(ImageSpec to read shards at, num_classes, checkpoint spec dict)`` of a ctray checkpoint."""
+    from ctray.data.shards import ImageSpec
+    from ctray.models.checkpoint import read_checkpoint
+
+    ck = read_checkpoint(model_path)
+    if ck["spec"] is None:
+        raise DataError(f"{model_path} is a bare state dict; the defenses need a ctray checkpoint (ctray train)")
+    ms = ck["spec"]
+    size, ch = int(ms["image_size"]), int(ms["in_channels"])
+    return ImageSpec(size, size, ch, on_size="resize"), int(ms["num_classes"]), ms
+
+
+def _ok_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(batch["ok"]).select(["shard", "key", "sid", "image", "label"])
+
+
+def _read(shards: Sequence[str], model_path: str, cfg: Config, what: str) -> tuple[Any, list[str]]:
+    """Ray Dataset of the usable rows (``shard, key, sid, image, label``) of ``shards``, read at the
+    model's input spec (other sizes resized and counted)."""
+    from ctray.data.reader import read_shards
+    from ctray.data.shards import expand_shards
+
+    if not shards:
+        raise ConfigError(f"no {what} shards given")
+    paths = expand_shards(list(shards))
+    spec, C, _ = _model_inputs(model_path)
+    ds = read_shards(paths, spec, C, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict)
+    return ds.map_batches(_ok_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                          num_cpus=cfg.data.read_cpus), paths
+
+
+def _to_driver(ds: Any, what: str) -> dict[str, np.ndarray]:
+    """A small (trusted) dataset's usable rows in driver memory: ``images uint8 (N, H, W, C)``, ``labels``,
+    ``sids``, ``shard``, ``key``, sorted by sid (block order varies between runs; sid order does not)."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "label", "sid", "shard", "key")}
+    for b in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        for k in parts:
+            parts[k].append(np.asarray(b[k]))
+    if not parts["sid"]:
+        raise DataError(f"no usable sample in the {what} shards")
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    order = np.argsort(out["sid"], kind="stable")
+    return {"images": np.ascontiguousarray(out["image"][order]), "labels": out["label"][order].astype(np.int64),
+            "sids": out["sid"][order].astype(np.int64), "shard": out["shard"][order].astype(str),
+            "key": out["key"][order].astype(str)}
+
+
+def _sha256_files(paths: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.rsplit("/", 1)[-1].encode())
+        h.update(hashlib.sha256(cio.read_bytes(p)).digest())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------ repair / cleanse
+
+
+@dataclass
+class FinetuneResult:
+    """A repaired or cleansed model. ``info``: the loop's figures (held-out accuracy or teacher agreement,
+    steps/epochs, selection), also stored in the checkpoint's ``extra[method]``."""
+
+    ckpt: str
+    method: str
+    n_fit: int
+    n_held: int
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], out: str) -> FinetuneResult:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ctray.engine.detect import _scaling, ensure_ray
+    from ctray.training.finetune import finetune_loop_per_worker
+
+    cfg.validate()
+    if not out:
+        raise ConfigError("no output checkpoint: give --out")
+    model_path, out = _abs(model_path), _abs(out)
+    ensure_ray()
+    what = "trusted clean" if method == "repair" else "unlabeled"
+    ds, paths = _read(shards, model_path, cfg, what)
+    ds = ds.select_columns(["sid", "image", "label"], num_cpus=cfg.data.read_cpus).materialize()
+    if ds.count() == 0:
+        raise DataError(f"no usable sample in the {what} shards {paths[:3]}")
+    cfg_d = cfg.to_dict()
+    scaling, threads = _scaling(cfg)
+    cfg_d["scale"]["torch_threads"] = threads
+    prov = {"made_by": f"ctray {'repair' if method == 'repair' else 'cleanse-model'}", "from_model": model_path,
+            "data": paths, "config": cfg_d[method], "seed": cfg.seed}
+    job = {"cfg": cfg_d, "method": method, "model_in": model_path, "model_out": out, "extra": prov}
+    base = os.path.dirname(os.path.abspath(out)) if not cio.is_remote(out) else out.rsplit("/", 1)[0]
+    t = time.monotonic()
+    result = TorchTrainer(
+        finetune_loop_per_worker, train_loop_config=job, scaling_config=scaling, datasets={"train": ds},
+        run_config=ray.train.RunConfig(name=f"{method}-{os.path.basename(out)}-{int(time.time() * 1e3)}",
+                                       storage_path=cio.join(base, ".ray-train"),
+                                       failure_config=ray.train.FailureConfig(max_failures=2))).fit()
+    secs = time.monotonic() - t
+    if not cio.exists(out):
+        raise RuntimeError(f"{method} finished but wrote no checkpoint to {out}")
+    info = dict(result.return_value or {})
+    log.info("%s: %s -> %s in %.1fs", method, model_path, out, secs)
+    return FinetuneResult(ckpt=out, method=method, n_fit=int(info.get("n_fit", 0)), n_held=int(info.get("n_held", 0)),
+                          seconds=secs, info=info)
+
+
+def repair_model(cfg: Config, model_path: str, clean: Sequence[str], out: str) -> FinetuneResult:
+    """Pivotal Tuning of a suspect model with a trusted labelled set (``cfg.repair``; seed-defenses.md §1.2).
+
+    Args:
+        cfg: config (``repair.*``, ``data.*``, ``scale.*``, ``seed``).
+        model_path: ctray checkpoint of the suspect model.
+        clean: trusted labelled shard specs (the paper's setting: about 1% of the training size);
+            ``repair.holdout_frac`` of it (by sample id) is held out for monitoring, never trained on.
+        out: checkpoint to write (same architecture and spec; ``extra["repair"]`` holds the figures).
+
+    Returns:
+        A :class:`FinetuneResult` (``info``: ``held_acc_before/after``, ``steps_done``, ``stopped_early``).
+    """
+    return _finetune(cfg, "repair", model_path, clean, out)
+
+
+def cleanse_model(cfg: Config, model_path: str, unlabeled: Sequence[str], out: str) -> FinetuneResult:
+    """BCU: distil the suspect model into a partly re-initialised copy on unlabeled images (``cfg.cleanse``;
+    seed-defenses.md §3.2).
+
+    Args:
+        unlabeled: shard specs of unlabeled (possibly out-of-distribution) images; their ``.cls`` labels
+            are read (the shard format needs them) but never used. ``cleanse.holdout_frac`` of it is held
+            out to monitor the student's agreement with the teacher (``cleanse.select=agree`` keeps the
+            best epoch by it; the default keeps the last epoch, as the reference).
+
+    Returns:
+        A :class:`FinetuneResult` (``info``: per-epoch ``history``, ``selected_epoch``, ``reinit_share``).
+    """
+    return _finetune(cfg, "cleanse", model_path, unlabeled, out)
+
+
+# ------------------------------------------------------------------------------------------ audit
+
+
+@dataclass
+class AuditResult:
+    """Calibrated Trigger Inversion of one model.
+
+    ``score``: the largest success gap ``max_c ASR_f(delta_c) - ASR_fref(delta_c)`` in [-1, 1], **higher =
+    more likely backdoored** (the reference code reports ``-score``, higher = cleaner: ``reference_score``).
+    ``target``: the argmax class (the suspected attack target). ``backdoored``: ``score > audit.threshold``.
+    ``per_class``: per candidate class ``{"class", "gap", "asr_model", "asr_ref", "loss", "trigger_l1"}``.
+    """
+
+    score: float
+    target: int
+    backdoored: bool
+    threshold: float
+    per_class: list[dict[str, Any]]
+    ref_ckpt: str
+    n_opt: int
+    n_eval: int
+    seconds: float
+    out_dir: str | None = None
+
+    @property
+    def reference_score(self) -> float:
+        return -self.score
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["reference_score"] = self.reference_score
+        return d
+
+
+def _audit_task(classes: list[int], spec: dict[str, Any], state: dict[str, Any], ref_state: dict[str, Any],
+                data: dict[str, np.ndarray], acfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """One Ray task: invert the triggers of ``classes`` (sequentially) and measure their gaps."""
+    import torch
+
+    from ctray.defenses.audit import invert_trigger, pixels01, trigger_asr
+    from ctray.models.checkpoint import ModelSpec
+
+    torch.set_num_threads(1)
+    ms = ModelSpec(**spec)
+    model, ref = ms.build(), ms.build()
+    model.load_state_dict(state)
+    ref.load_state_dict(ref_state)
+    model.eval()
+    ref.eval()
+    data = {k: np.array(v) for k, v in data.items()}  # object-store arrays are read-only
+    x_opt, y_opt = pixels01(torch.from_numpy(data["x_opt"])), torch.from_numpy(data["y_opt"])
+    x_ev, y_ev = pixels01(torch.from_numpy(data["x_eval"])), torch.from_numpy(data["y_eval"])
+    out = []
+    for c in classes:
+        delta, loss = invert_trigger(
+            model, ref, x_opt, y_opt, c, steps=int(acfg["steps_per_class"]), lr=float(acfg["lr"]),
+            betas=(float(acfg["beta1"]), float(acfg["beta2"])), batch_size=int(acfg["batch_size"]),
+            init_max=float(acfg["init_max"]), ref_weight=float(acfg["ref_weight"]), flip=bool(acfg["flip"]),
+            mean=ms.mean, std=ms.std, seed=seed * 1009 + c)
+        a_m = trigger_asr(model, x_ev, y_ev, delta, c, ms.mean, ms.std)
+        a_r = trigger_asr(ref, x_ev, y_ev, delta, c, ms.mean, ms.std)
+        out.append({"class": int(c), "gap": a_m - a_r, "asr_model": a_m, "asr_ref": a_r, "loss": loss,
+                    "trigger_l1": float(delta.abs().mean()), "delta": delta.numpy()})
+    return out
+
+
+def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str | None = None,
+                ref: str | None = None, cache_dir: str | None = None) -> AuditResult:
+    """Calibrated Trigger Inversion (seed-defenses.md §1.3): is ``model_path`` backdoored, and to which class?
+
+    Args:
+        cfg: config (``audit.*``; ``repair.*`` for the reference model; ``data.*``, ``scale.*``, ``seed``).
+        model_path: ctray checkpoint of the suspect model.
+        clean: trusted labelled shard specs. ``audit.eval_frac`` of them (by sample id) measure the gaps;
+            the rest drive the inversion. The reference model is a repair with the whole set.
+        out_dir: where ``audit.json`` and the inverted triggers (``trigger-c<k>.png``, ``trigger.png`` =
+            the target's, ``triggered.png`` = an example image with it) go; None writes nothing.
+        ref: an existing pivotal-tuned reference checkpoint (skips the repair).
+        cache_dir: where reference models are cached by hash (default ``<out_dir>/ref-cache``, else
+            ``~/.cache/ctray/ref``).
+
+    Returns:
+        An :class:`AuditResult`.
+    """
+    import ray
+
+    from ctray.core.actstats import hash_split
+    from ctray.engine.detect import ensure_ray
+    from ctray.models.checkpoint import load_state
+
+    cfg.validate()
+    ensure_ray()
+    t0 = time.monotonic()
+    model_path = _abs(model_path)
+    ds, paths = _read(clean, model_path, cfg, "trusted clean")
+    _, C, spec = _model_inputs(model_path)
+    if ref is None:
+        key = hashlib.sha256(json.dumps({
+            "model": hashlib.sha256(cio.read_bytes(model_path)).hexdigest(), "clean": _sha256_files(paths),
+            "repair": cfg.to_dict()["repair"], "seed": cfg.seed}, sort_keys=True).encode()).hexdigest()[:16]
+        cache = cache_dir or (cio.join(out_dir, "ref-cache") if out_dir else
+                              os.path.join(os.path.expanduser("~"), ".cache", "ctray", "ref"))
+        ref = cio.join(cache, f"pt-{key}.pt")
+        if cio.exists(ref):
+            log.info("audit: reference model from the cache %s", ref)
+        else:
+            log.info("audit: pivotal tuning the reference model -> %s", ref)
+            repair_model(cfg, model_path, clean, ref)
+    data = _to_driver(ds, "trusted clean")
+    ev = hash_split(data["sids"], cfg.audit.eval_frac, cfg.seed * 1000 + 303)
+    if ev.all() or not ev.any():
+        raise DataError(f"audit needs trusted samples on both sides of the eval split; got {len(ev)} samples")
+    arrays = {"x_opt": data["images"][~ev], "y_opt": data["labels"][~ev], "x_eval": data["images"][ev],
+              "y_eval": data["labels"][ev]}
+    classes = list(cfg.audit.classes) or list(range(C))
+    bad = [c for c in classes if not 0 <= c < C]
+    if bad:
+        raise ConfigError(f"audit.classes {bad} outside [0, {C})")
+    state_ref = ray.put(load_state(model_path))
+    ref_state_ref = ray.put(load_state(ref))
+    data_ref = ray.put(arrays)
+    task = ray.remote(num_cpus=cfg.audit.task_cpus)(_audit_task)
+    k = cfg.audit.classes_per_task
+    chunks = [classes[i:i + k] for i in range(0, len(classes), k)]
+    acfg = cfg.to_dict()["audit"]
+    log.info("audit: %d candidate classes in %d Ray tasks (%.2f CPU each), %d optimisation / %d evaluation images",
+             len(classes), len(chunks), cfg.audit.task_cpus, int((~ev).sum()), int(ev.sum()))
+    results = [r for part in ray.get([task.remote(ch, spec, state_ref, ref_state_ref, data_ref, acfg, cfg.seed)
+                                      for ch in chunks]) for r in part]
+    results.sort(key=lambda r: r["class"])
+    gaps = np.array([r["gap"] if np.isfinite(r["gap"]) else -np.inf for r in results])
+    best = int(np.argmax(gaps))
+    score, target = float(gaps[best]), int(results[best]["class"])
+    per_class = [{k2: v for k2, v in r.items() if k2 != "delta"} for r in results]
+    res = AuditResult(score=score, target=target, backdoored=score > cfg.audit.threshold, threshold=cfg.audit.threshold,
+                      per_class=per_class, ref_ckpt=ref, n_opt=int((~ev).sum()), n_eval=int(ev.sum()),
+                      seconds=time.monotonic() - t0, out_dir=out_dir)
+    if out_dir:
+        _write_audit(out_dir, res, results, arrays, spec)
+    log.info("audit %s: score %.4f (target %d, backdoored=%s) in %.1fs", model_path, score, target, res.backdoored,
+             res.seconds)
+    return res
+
+
+def _write_audit(out_dir: str, res: AuditResult, results: list[dict[str, Any]], arrays: dict[str, np.ndarray],
+                 spec: dict[str, Any]) -> None:
+    import torch
+
+    from ctray.data.shards import encode_image
+    from ctray.defenses.audit import pixels01, trigger_png
+
+    cio.makedirs(out_dir)
+    for r in results:
+        cio.write_bytes(cio.join(out_dir, f"trigger-c{r['class']}.png"), encode_image(trigger_png(torch.from_numpy(np.array(r["delta"])))))
+    delta = torch.from_numpy(np.array(results[[r["class"] for r in results].index(res.target)]["delta"]))
+    cio.write_bytes(cio.join(out_dir, "trigger.png"), encode_image(trigger_png(delta)))
+    others = arrays["y_eval"] != res.target
+    if others.any():
+        x = pixels01(torch.from_numpy(arrays["x_eval"][others][:1]))
+        ex = (torch.clamp(x + delta, 0, 1)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        cio.write_bytes(cio.join(out_dir, "triggered.png"), encode_image(ex))
+    cio.write_json(cio.join(out_dir, "audit.json"), res.to_dict())
+    if not cio.is_remote(out_dir):
+        from ctray.report import write_audit_report
+
+        write_audit_report(out_dir)
+
+
+# ------------------------------------------------------------------------------ activation scores
+
+
+class _ActMapper:
+    """``map_batches`` callable holding the model: per batch, either mergeable statistics of the rows in
+    clean half A (``op="moments"`` / ``"hist"``, one pickled row per batch) or per-sample scores
+    (``op="score"``: ``shard, key, sid, score``)."""
+
+    def __init__(self, model_path: str, pool: str, threads: int, op: str, payload: dict[str, Any]):
+        import torch
+
+        from ctray.models.checkpoint import load_model
+
+        torch.set_num_threads(max(1, threads))
+        self.model, self.spec, _ = load_model(model_path)
+        self.pool, self.op, self.p = pool, op, payload
+
+    def _features(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        from ctray.defenses.actstats import activation_features
+        from ctray.training.steps import to_input
+
+        x = to_input(torch.from_numpy(np.array(images, copy=True)), self.spec.mean, self.spec.std)
+        return activation_features(self.model, x, self.pool)[0].numpy().astype(np.float64)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ctray.core.actstats import ActHistogram, ActMoments, hash_split, out_of_interval_score
+
+        if self.op == "score":
+            f = self._features(batch["image"])
+            s = out_of_interval_score(f, self.p["lo"], self.p["hi"], self.p["active"])
+            return {"shard": batch["shard"], "key": batch["key"], "sid": batch["sid"], "label": batch["label"], "score": s}
+        a = hash_split(batch["sid"], 0.5, self.p["split_seed"])
+        f = self._features(batch["image"][a]) if a.any() else None
+        if self.op == "moments":
+            m = ActMoments.zeros(self.p["width"]) if f is None else ActMoments.of(f)
+            return {"blob": np.array([pickle.dumps(m)], dtype=object)}
+        h = ActHistogram.empty(self.p["lo"], self.p["hi"], self.p["bins"])
+        if f is not None:
+            h.update(f)
+        return {"blob": np.array([pickle.dumps(h)], dtype=object)}
+
+
+@dataclass
+class ActScores:
+    """Per-sample activation-statistics scores (BadActs transfer, seed-defenses.md §2.5).
+
+    ``score`` float64 (N,) in [0, 1]: share of the model's pooled block-output channels outside their clean
+    interval; **higher = more suspicious**. Flag rule: ``flagged = score > threshold``, where
+    ``threshold`` is the ``1 - act.frr`` quantile of the scores of clean half B (the trusted samples whose
+    sample-id hash falls in B; the intervals are fitted on half A only), so about ``act.frr`` of clean
+    data is flagged. Rows: the usable samples of the scored shards, sorted by ``(shard, key)``; ``label`` is
+    each sample's given label (int64), so the rows drop into ``ctray bench``'s per-method score files.
+    """
+
+    shard: np.ndarray
+    key: np.ndarray
+    label: np.ndarray
+    score: np.ndarray
+    flagged: np.ndarray
+    threshold: float
+    n_fit: int
+    n_calib: int
+    n_active: int
+    n_neurons: int
+    seconds: float
+
+    def to_table(self) -> pa.Table:
+        """``shard, key, label, score, flagged`` as a pyarrow Table."""
+        return pa.table({"shard": self.shard, "key": self.key, "label": self.label, "score": self.score,
+                         "flagged": self.flagged})
+
+
+def _act_pass(ds: Any, model_path: str, cfg: Config, op: str, payload: dict[str, Any]) -> Any:
+    import ray.data
+
+    return ds.map_batches(
+        _ActMapper, fn_constructor_kwargs={"model_path": model_path, "pool": cfg.act.pool,
+                                           "threads": max(1, int(cfg.data.score_cpus)), "op": op, "payload": payload},
+        batch_size=cfg.data.score_batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.data.score_actors), num_cpus=cfg.data.score_cpus)
+
+
+def _merge_blobs(ds: Any) -> Any:
+    total = None
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for blob in b["blob"]:
+            part = pickle.loads(blob)
+            total = part if total is None else total.merge(part)
+    return total
+
+
+def _collect(ds: Any, cols: tuple[str, ...]) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in cols}
+    for b in ds.iter_batches(batch_size=8192, batch_format="numpy"):
+        for c in cols:
+            parts[c].append(np.asarray(b[c]))
+    return {c: (np.concatenate(v) if v else np.empty(0)) for c, v in parts.items()}
+
+
+def fit_act_intervals(model_path: str, clean_shards: Sequence[str], cfg: Config) -> dict[str, Any]:
+    """Fit the clean intervals on half A of the trusted shards and the flag threshold on half B.
+
+    Returns:
+        ``{"lo", "hi", "active" (F,) arrays, "threshold", "n_fit", "n_calib", "n_neurons", "n_active"}``.
+    """
+    from ctray.core.actstats import (
+        constant_neurons,
+        frr_threshold,
+        hash_split,
+        intervals_gauss,
+        intervals_quantile,
+    )
+
+    a = cfg.act
+    clean, _ = _read(clean_shards, model_path, cfg, "trusted clean")
+    clean = clean.materialize()
+    width = _feature_width(model_path, cfg)
+    mom = _merge_blobs(_act_pass(clean, model_path, cfg, "moments", {"width": width, "split_seed": a.split_seed}))
+    if mom is None or mom.n < 2:
+        raise DataError(f"activation statistics need >= 2 trusted samples in half A, got {0 if mom is None else mom.n}")
+    if a.mode == "gauss":
+        lo, hi = intervals_gauss(mom, a.delta, a.sigma_floor)
+    else:
+        hist = _merge_blobs(_act_pass(clean, model_path, cfg, "hist", {"lo": mom.lo, "hi": mom.hi, "bins": a.bins,
+                                                                       "split_seed": a.split_seed}))
+        lo, hi = intervals_quantile(hist, a.alpha)
+    active = ~constant_neurons(mom, a.sigma_floor) if a.drop_constant else np.ones(width, bool)
+    sc = _collect(_act_pass(clean, model_path, cfg, "score", {"lo": lo, "hi": hi, "active": active}), ("sid", "score"))
+    b = ~hash_split(sc["sid"].astype(np.int64), 0.5, a.split_seed)
+    if not b.any():
+        raise DataError("no trusted sample falls in calibration half B: give more trusted samples")
+    thr = frr_threshold(sc["score"][b], a.frr)
+    return {"lo": lo, "hi": hi, "active": active, "threshold": thr, "n_fit": int(mom.n), "n_calib": int(b.sum()),
+            "n_neurons": int(width), "n_active": int(active.sum())}
+
+
+def _feature_width(model_path: str, cfg: Config) -> int:
+    import torch
+
+    from ctray.defenses.actstats import activation_features
+    from ctray.models.checkpoint import load_model
+
+    model, spec, _ = load_model(model_path)
+    x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
+    return int(activation_features(model, x, cfg.act.pool)[0].shape[1])
+
+
+def activation_scores(model_path: str, shards: Sequence[str], clean_shards: Sequence[str], cfg: Config) -> ActScores:
+    """Score every usable sample of ``shards`` by its share of out-of-interval activations (a detector).
+
+    Args:
+        model_path: ctray checkpoint of the model trained on the suspect data (e.g. ``ctray train`` on
+            it, or a detect run's ``checkpoints/round_0/fbase.pt``).
+        shards: shard specs to score (the suspect training set).
+        clean_shards: trusted clean shard specs: half A (by sample-id hash, ``act.split_seed``) fits the
+            per-neuron intervals (``act.mode``), half B sets the threshold at ``act.frr``.
+        cfg: config (``act.*``, ``data.*``).
+
+    Returns:
+        :class:`ActScores` (flag rule: ``score > threshold``; see there).
+    """
+    from ctray.engine.detect import ensure_ray
+
+    cfg.validate()
+    ensure_ray()
+    t0 = time.monotonic()
+    model_path = _abs(model_path)
+    fit = fit_act_intervals(model_path, clean_shards, cfg)
+    ds, paths = _read(shards, model_path, cfg, "scored")
+    sc = _collect(_act_pass(ds, model_path, cfg, "score", {k: fit[k] for k in ("lo", "hi", "active")}),
+                  ("shard", "key", "label", "score"))
+    order = np.lexsort((sc["key"].astype(str), sc["shard"].astype(str)))
+    score = sc["score"][order].astype(np.float64)
+    res = ActScores(shard=sc["shard"][order].astype(str), key=sc["key"][order].astype(str),
+                    label=sc["label"][order].astype(np.int64), score=score,
+                    flagged=score > fit["threshold"], threshold=float(fit["threshold"]), n_fit=fit["n_fit"],
+                    n_calib=fit["n_calib"], n_active=fit["n_active"], n_neurons=fit["n_neurons"],
+                    seconds=time.monotonic() - t0)
+    log.info("activation scores: %d samples of %d shards, threshold %.4f (FRR %.3f on %d clean), flagged %d (%.1fs)",
+             len(score), len(paths), res.threshold, cfg.act.frr, res.n_calib, int(res.flagged.sum()), res.seconds)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ purify
+
+
+@dataclass
+class PurifyResult:
+    """A purified checkpoint: the suspect model's weights plus learned per-channel clamp bounds in
+    ``extra["clamp"]`` (load it with :func:`load_purified`). ``info``: ``acc_plain`` / ``acc_clamped`` on the
+    trusted set, final ``c``, ``restarts``."""
+
+    ckpt: str
+    info: dict[str, Any]
+    seconds: float
+
+
+def purify_model(cfg: Config, model_path: str, clean: Sequence[str], out: str) -> PurifyResult:
+    """Learn the BadActs activation-clamping purifier on trusted clean data (weights frozen; ``cfg.act.purify_*``).
+
+    Runs on the driver: a few thousand bound parameters trained on the small trusted set (seed-defenses.md
+    §2.6: one device is enough). The trusted set's rows come through Ray Data.
+    """
+    import torch
+
+    from ctray.defenses.actstats import activation_modules, learn_intervals
+    from ctray.engine.detect import ensure_ray
+    from ctray.models.checkpoint import load_model, save_model
+    from ctray.training.steps import to_input
+
+    cfg.validate()
+    ensure_ray()
+    t0 = time.monotonic()
+    ds, _ = _read(clean, model_path, cfg, "trusted clean")
+    data = _to_driver(ds, "trusted clean")
+    model, spec, extra = load_model(model_path)
+    x = to_input(torch.from_numpy(data["images"]), spec.mean, spec.std)
+    y = torch.from_numpy(data["labels"])
+    a = cfg.act
+    cm, info = learn_intervals(model, x, y, epochs=a.purify_epochs, lr=a.purify_lr, batch_size=a.purify_batch_size,
+                               c0=a.purify_c, a=a.purify_a, keep=a.purify_keep, min_share=a.purify_min,
+                               init=a.purify_init, seed=cfg.seed)
+    clamp = {"modules": [n for n, _ in activation_modules(model)], "bounds": cm.bounds(), "info": info}
+    save_model(out, model, spec, {**extra, "clamp": clamp, "purified_from": model_path})
+    return PurifyResult(ckpt=out, info=info, seconds=time.monotonic() - t0)
+
+
+def load_purified(path: str) -> Any:
+    """The :class:`ctray.defenses.actstats.ClampedModel` of a :func:`purify_model` checkpoint (eval mode).
+
+    Raises:
+        DataError: the checkpoint holds no clamp bounds.
+    """
+    import torch
+
+    from ctray.defenses.actstats import ClampedModel, activation_modules
+    from ctray.models.checkpoint import load_model
+
+    model, _, extra = load_model(path)
+    clamp = extra.get("clamp")
+    if not clamp:
+        raise DataError(f"{path} holds no clamp bounds (write one with ctray purify)")
+    names = [n for n, _ in activation_modules(model)]
+    if names != clamp["modules"]:
+        raise DataError(f"{path}: clamp bounds for modules {clamp['modules']} do not match the model's {names}")
+    b = clamp["bounds"]
+    u0 = [torch.tensor(x["hi"]) for x in b]
+    m0 = [torch.log((torch.tensor(x["hi"]) - torch.tensor(x["lo"])).clamp_min(1e-12)) for x in b]
+    cm = ClampedModel(model, [len(x["hi"]) for x in b], u0, m0)
+    cm.eval()
+    return cm
+
+
+class _ClampPredictor:
+    """``map_batches`` callable: ``{image, label, meta}`` -> plain and purified predictions + attack target."""
+
+    def __init__(self, model_path: str, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.cm = load_purified(model_path)
+        self.spec = _model_inputs(model_path)[2]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from ctray.engine.train import _meta_target
+        from ctray.training.steps import to_input
+
+        x = to_input(torch.from_numpy(np.array(batch["image"], copy=True)), self.spec["mean"], self.spec["std"])
+        with torch.no_grad():
+            self.cm.enabled = False
+            plain = self.cm(x).argmax(1).numpy()
+            self.cm.enabled = True
+            clamped = self.cm(x).argmax(1).numpy()
+        return {"label": batch["label"].astype(np.int64), "plain": plain, "clamped": clamped,
+                "target": np.array([_meta_target(m) for m in batch["meta"]], np.int64)}
+
+
+def _ok_meta(batch: pa.Table) -> pa.Table:
+    return batch.filter(batch["ok"]).select(["image", "label", "meta"])
+
+
+def evaluate_purified(model_path: str, test: Sequence[str] | None, triggered: Sequence[str] | None,
+                      data_cfg: Any) -> dict[str, dict[str, float | None]]:
+    """Clean accuracy and ASR of a :func:`purify_model` checkpoint without and with its clamp, as
+    ``ctray evaluate`` defines them (ASR over triggered samples whose label is not their ``.json`` target).
+
+    Returns:
+        ``{"plain": {"acc", "asr"}, "purified": {"acc", "asr"}}`` (None where no shards were given).
+    """
+    import ray.data
+
+    from ctray.data.reader import read_shards
+    from ctray.data.shards import expand_shards
+
+    model_path = _abs(model_path)
+    spec, C, _ = _model_inputs(model_path)
+    out: dict[str, dict[str, float | None]] = {"plain": {"acc": None, "asr": None},
+                                               "purified": {"acc": None, "asr": None}}
+    for name, shards in (("acc", test), ("asr", triggered)):
+        if not shards:
+            continue
+        ds = read_shards(expand_shards(list(shards)), spec, C, num_cpus=data_cfg.read_cpus)
+        ds = ds.map_batches(_ok_meta, batch_format="pyarrow", batch_size=None, num_cpus=data_cfg.read_cpus)
+        r = _collect(ds.map_batches(_ClampPredictor, fn_constructor_kwargs={"model_path": model_path},
+                                    batch_size=data_cfg.score_batch_size, batch_format="numpy",
+                                    compute=ray.data.ActorPoolStrategy(size=1), num_cpus=data_cfg.score_cpus),
+                     ("label", "plain", "clamped", "target"))
+        use = np.ones(len(r["label"]), bool) if name == "acc" else (r["target"] >= 0) & (r["label"] != r["target"])
+        ref = r["label"] if name == "acc" else r["target"]
+        for k, col in (("plain", "plain"), ("purified", "clamped")):
+            out[k][name] = float((r[col][use] == ref[use]).mean()) if use.any() else None
+    return out

@@ -1,0 +1,244 @@
+"""The per-worker fine-tuning loop for Ray Train: Pivotal Tuning repair and BCU cleansing of an existing
+checkpoint, for 0 (local mode), 1 or N workers (DDP).
+
+Why a second loop beside ``ctray.training.loop``: that loop trains a fresh model (f_base, CT rounds) on
+an epoch schedule and writes round checkpoints. Both defenses start from a loaded checkpoint, keep a
+frozen copy of it (the pivot / the teacher) beside the model being trained, need the penultimate features
+(SLOL) or soft targets (distillation), monitor a held-out split during training (early stop / model
+selection) and, for BCU, build a partly re-initialised student. Adding that as modes of the CT loop would
+turn it into the flag-driven trainer DESIGN.md §5 warns against. Both loops share the data handling
+(``_load_local``, ``Sampler``, ``local_batch``) and the pure steps (``to_input``, ``augment``).
+
+Job keys: ``cfg`` (Config as dict), ``method`` (``"repair"`` | ``"cleanse"``), ``model_in`` (checkpoint of
+the suspect model), ``model_out`` (checkpoint to write; rank 0 writes it), ``extra`` (provenance). The
+worker's Ray Data shard ``"train"`` holds the trusted labelled set (repair) or the unlabeled pool
+(cleanse; its labels are never used in a loss). A held-out share of it, chosen by sample-id hash
+(``<method>.holdout_frac``), is never trained on: it monitors repair (accuracy, early stop at
+``min_cda``) and cleansing (agreement with the teacher; ``select=agree`` keeps the best epoch).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ctray.core.actstats import hash_split
+from ctray.defenses.cleanse import distill_loss, student_init, temperature
+from ctray.defenses.repair import pivot_params, pt_loss
+from ctray.models.checkpoint import ModelSpec, load_model, save_model
+from ctray.progress import Progress
+from ctray.training.loop import LocalSet, Sampler, _allreduce_sum, _load_local, _state, local_batch
+from ctray.training.steps import augment, to_input
+
+log = logging.getLogger("ctray.train")
+
+#: seed offsets so the holdout split and the sampler of one method never coincide with another's
+_HOLDOUT_SALT = {"repair": 101, "cleanse": 202}
+
+
+class WithFeatures(nn.Module):
+    """``forward(x) -> (logits, features)`` of a registry model, so DDP sees one forward for both."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.model.features(x)  # type: ignore[operator]
+        return self.model.head(z), z  # type: ignore[operator]
+
+
+@torch.no_grad()
+def _held_counts(model: nn.Module, held: LocalSet, mean: float, std: float, device: torch.device,
+                 other: nn.Module | None = None, bs: int = 512) -> tuple[int, int]:
+    """``(hits, n)`` on this rank's held-out share: vs the labels, or vs ``other``'s predictions."""
+    model.eval()
+    hits = 0
+    for i in range(0, len(held), bs):
+        x = to_input(held.images[i:i + bs].to(device), mean, std)
+        pred = model(x).argmax(1)
+        ref = other(x).argmax(1) if other is not None else held.labels[i:i + bs].to(device)
+        hits += int((pred == ref).sum())
+    return hits, len(held)
+
+
+def _global_share(hits: int, n: int) -> float | None:
+    t = _allreduce_sum(torch.tensor([hits, n], dtype=torch.float64))
+    return float(t[0] / t[1]) if t[1] > 0 else None
+
+
+def finetune_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one repair or cleansing fit on this worker (see the module docstring for ``job``).
+
+    Returns:
+        ``{"method", "world", "n_fit", "n_held", "seconds", ...}`` plus the method's monitoring figures
+        (repair: ``held_acc_before/after``, ``steps_done``, ``stopped_early``; cleanse: per-epoch
+        ``history`` of held-out agreement, ``selected_epoch``, ``reinit_share``).
+    """
+    import ray.train
+    import ray.train.torch
+
+    cfg, method = job["cfg"], job["method"]
+    if method not in ("repair", "cleanse"):
+        raise ValueError(f"unknown fine-tuning method {method!r}")
+    sec, scale = cfg[method], cfg["scale"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(scale["torch_threads"] or 1)
+    device = ray.train.torch.get_device() if scale["use_gpu"] else torch.device("cpu")
+    seed = int(cfg["seed"]) * 1000 + _HOLDOUT_SALT[method]
+    t0 = time.monotonic()
+
+    data = _load_local("train", None)
+    hold = hash_split(data.sids, float(sec["holdout_frac"]), seed)
+    fit, held = data.subset(~hold), data.subset(hold)
+    n_fit = int(_allreduce_sum(torch.tensor([len(fit)]))[0])
+    n_held = int(_allreduce_sum(torch.tensor([len(held)]))[0])
+    if len(fit) == 0:
+        raise RuntimeError(f"worker {rank}: no {method} samples in its share ({len(data)} rows, {len(held)} held out);"
+                           " give more data or fewer workers")
+    model, spec, _ = load_model(job["model_in"])
+    model = model.to(device)
+    mean, std = spec.mean, spec.std
+
+    def prep(m: nn.Module) -> nn.Module:
+        return ray.train.torch.prepare_model(m) if world > 1 or scale["use_gpu"] else m
+
+    sampler = Sampler(len(fit), local_batch(int(sec["batch_size"]), rank, world), seed * 7919 + rank)
+    gen = torch.Generator().manual_seed(seed + rank)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = sampler.next()
+        imgs = fit.images[idx]
+        if sec["augment"] != "none":
+            imgs = augment(imgs, sec["augment"], gen)
+        return to_input(imgs.to(device), mean, std), fit.labels[idx].to(device)
+
+    if method == "repair":
+        out_model, info = _repair(model, sec, prep, batch, held, mean, std, device, rank, world)
+    else:
+        out_model, info = _cleanse(model, spec, sec, prep, batch, held, mean, std, device, rank, n_fit, seed)
+    info.update({"method": method, "world": world, "n_fit": n_fit, "n_held": n_held,
+                 "seconds": round(time.monotonic() - t0, 2)})
+    if rank == 0:
+        save_model(job["model_out"], out_model, spec, {**(job.get("extra") or {}), method: info})
+    ray.train.report({k: v for k, v in info.items() if isinstance(v, int | float)})
+    return info
+
+
+def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: LocalSet, mean: float, std: float,
+            device: torch.device, rank: int, world: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Pivotal Tuning (seed-defenses.md §1.2) of ``model`` in place; returns its state and the figures."""
+    pivot = copy.deepcopy(model).eval()
+    for p in pivot.parameters():
+        p.requires_grad_(False)
+    theta0 = pivot_params(pivot)
+    net = prep(WithFeatures(model))
+    opt = torch.optim.SGD(model.parameters(), lr=float(sec["lr"]), momentum=float(sec["momentum"]),
+                          nesterov=bool(sec["nesterov"]), weight_decay=float(sec["weight_decay"]))
+    gather = bool(sec["slol_gather"]) and world > 1
+    if gather and int(sec["batch_size"]) % world:
+        raise RuntimeError(f"repair.slol_gather needs repair.batch_size ({sec['batch_size']}) divisible by the "
+                           f"worker count ({world})")
+    acc_before = _global_share(*_held_counts(pivot, held, mean, std, device))
+    steps, every, min_cda = int(sec["steps"]), int(sec["eval_every"]), float(sec["min_cda"])
+    stopped, done, acc = False, 0, acc_before
+    prog = Progress(log, f"[w{rank}] pivotal tuning", steps, "steps")
+    parts: dict[str, float] = {}
+    for step in range(steps):
+        if step % every == 0 and step > 0:
+            acc = _global_share(*_held_counts(model, held, mean, std, device))
+            if acc is not None and acc <= min_cda:
+                log.warning("pivotal tuning: held-out accuracy %.4f <= min_cda %.4f at step %d: stopping", acc,
+                            min_cda, step)
+                stopped = True
+                break
+        x, y = batch()
+        with torch.no_grad():
+            z0 = pivot.features(x)  # type: ignore[operator]
+            logits0 = pivot.head(z0)  # type: ignore[operator]
+        model.train()
+        logits, z = net(x)
+        yc = y if sec["use_labels"] else logits0.argmax(1)  # label-free: centroids of the pivot's classes
+        zs, z0s, ys = z, z0, yc
+        if gather:
+            import torch.distributed.nn.functional as dnn
+
+            zs = torch.cat(dnn.all_gather(z))
+            z0s = torch.cat(dnn.all_gather(z0))
+            ys_list = [torch.empty_like(yc) for _ in range(world)]
+            dist.all_gather(ys_list, yc)
+            ys = torch.cat(ys_list)
+        loss, parts = pt_loss(logits, zs, logits0, z0s, y, model, theta0, float(sec["lam_slol"]),
+                              float(sec["lam_param"]), bool(sec["use_labels"]), bool(sec["slol_offdiag"]), y_feat=ys)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done += 1
+        prog.update()
+    prog.close()
+    acc_after = _global_share(*_held_counts(model, held, mean, std, device))
+    info = {"steps_done": done, "stopped_early": stopped, "held_acc_before": acc_before, "held_acc_after": acc_after,
+            "last_loss_parts": parts}
+    log.info("pivotal tuning: %d steps, held-out accuracy %s -> %s", done, acc_before, acc_after)
+    return _state(model), info
+
+
+def _cleanse(teacher: nn.Module, spec: ModelSpec, sec: dict[str, Any], prep: Any, batch: Any, held: LocalSet,
+             mean: float, std: float, device: torch.device, rank: int, n_fit: int, seed: int
+             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """BCU (seed-defenses.md §3.2): build the student from ``teacher`` and distil; returns the selected
+    student's state and the figures."""
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)  # the fresh init, identical on every rank
+    student, realised = student_init(teacher, spec.build(), list(sec["ratios"]), float(sec["head_ratio"]), seed)
+    student = student.to(device)
+    net = prep(student)
+    opt = torch.optim.SGD(student.parameters(), lr=float(sec["lr"]), momentum=float(sec["momentum"]),
+                          weight_decay=float(sec["weight_decay"]))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(sec["t_max"]))
+    epochs = int(sec["epochs"])
+    steps_per_epoch = math.ceil(n_fit / int(sec["batch_size"]))
+    history: list[dict[str, float | None]] = []
+    best_state, best_agree, best_epoch = None, -1.0, epochs - 1
+    prog = Progress(log, f"[w{rank}] BCU distillation", epochs * steps_per_epoch, "steps")
+    for e in range(epochs):
+        t = temperature(e, epochs, float(sec["t_start"]), float(sec["t_add"]))
+        loss_sum = 0.0
+        for _ in range(steps_per_epoch):
+            x, _y = batch()  # labels are never used
+            with torch.no_grad():
+                t_logits = teacher(x)
+            student.train()
+            loss = distill_loss(net(x), t_logits, t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach())
+            prog.update()
+        sched.step()
+        agree = _global_share(*_held_counts(student, held, mean, std, device, other=teacher))  # None: nothing held
+        history.append({"epoch": e, "temperature": t, "loss": loss_sum / steps_per_epoch, "held_agree": agree})
+        if sec["select"] == "agree" and agree is not None and agree > best_agree:
+            best_agree, best_epoch, best_state = agree, e, _state(student)
+    prog.close()
+    state = best_state if best_state is not None else _state(student)
+    if sec["select"] == "last":
+        best_epoch = epochs - 1
+    shares = np.array(list(realised.values()))
+    info = {"history": history, "selected_epoch": best_epoch, "select": sec["select"],
+            "reinit_share": {k: round(v, 4) for k, v in realised.items()},
+            "reinit_mean": float(shares.mean()) if shares.size else 0.0}
+    log.info("BCU: %d epochs, selected epoch %d (%s), held-out teacher agreement %s", epochs, best_epoch,
+             sec["select"], history[-1]["held_agree"] if history else None)
+    return state, info

@@ -1,0 +1,199 @@
+"""Pure-torch parts of the model-level defenses (no Ray): Pivotal Tuning's losses, BCU's student and
+distillation loss, CTI's trigger space, activation features and the clamp; the pitfalls of
+seed-defenses.md §5 that live in these functions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctray.defenses.actstats import ClampedModel, activation_features, activation_modules, channel_counts
+from ctray.defenses.audit import apply_trigger, trigger_asr
+from ctray.defenses.cleanse import distill_loss, layer_groups, student_init, temperature
+from ctray.defenses.repair import centroids, gram_offdiag_norm, param_loss, pivot_params, pt_loss, slol_loss
+from ctray.models import build_model
+from ctray.training.steps import to_input
+
+# ------------------------------------------------------------------------------------ pivotal tuning
+
+
+def test_gram_offdiagonal_norm_zeroes_the_diagonal_and_the_reference_bug_differs():
+    """Pitfall: the reference subtracts the diagonal VECTOR with broadcasting; the intended term is the
+    norm of the off-diagonal entries of G = M^T M / k (M: the k x D stacked centroids)."""
+    m = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])  # k = 2 centroids, D = 3
+    g = m.T @ m / 2  # [[1, .5, 0], [.5, .5, 0], [0, 0, 0]]: diagonal (1, .5, 0), one off-diagonal pair .5
+    assert torch.equal(g, torch.tensor([[1.0, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]))
+    assert gram_offdiag_norm(m).item() == pytest.approx(math.sqrt(2 * 0.5**2))
+    bug = g - torch.diagonal(g)[None, :]  # [[0, 0, 0], [-.5, 0, 0], [-1, -.5, 0]]
+    assert gram_offdiag_norm(m, offdiag=False).item() == pytest.approx(bug.norm().item())
+    assert gram_offdiag_norm(m, offdiag=False).item() == pytest.approx(math.sqrt(0.25 + 1 + 0.25))
+    disjoint = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 5.0]])  # dims not shared
+    assert gram_offdiag_norm(disjoint).item() == 0.0  # no off-diagonal mass, whatever the diagonal
+
+
+def test_centroids_use_present_classes_and_single_sample_classes():
+    z = torch.tensor([[1.0, 1.0], [3.0, 1.0], [0.0, 5.0], [7.0, 7.0]])
+    y = torch.tensor([4, 4, 9, 2])  # class 2 and 9 have one sample each; 0,1,3.. absent
+    mu, cls = centroids(z, y)
+    assert cls.tolist() == [2, 4, 9]
+    assert mu.tolist() == [[7.0, 7.0], [2.0, 1.0], [0.0, 5.0]]
+
+
+def test_slol_is_finite_with_one_class_and_singletons_and_rotates_away_from_the_pivot():
+    torch.manual_seed(0)
+    z0 = torch.randn(6, 4)
+    one = slol_loss(z0.clone().requires_grad_(), z0, torch.zeros(6, dtype=torch.long))
+    assert one.item() == 0.0  # a single class: no centroid pairs
+    y = torch.tensor([0, 0, 0, 1, 2, 2])  # class 1 is a singleton
+    z = z0.clone().requires_grad_(True)
+    loss = slol_loss(z, z0, y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    # identical geometry: every pair's cosine is 1, so the anti-alignment part is k(k-1)/2 = 3
+    mu, _ = centroids(z0, y)
+    assert loss.item() == pytest.approx(gram_offdiag_norm(mu).item() + 3.0, rel=1e-5)
+    flipped = slol_loss(-z0, z0, y)  # reversed centroid differences: cosines -1
+    assert flipped.item() == pytest.approx(gram_offdiag_norm(-mu).item() - 3.0, rel=1e-5)
+
+
+def test_param_loss_is_mean_squared_distance_to_the_pivot():
+    m = build_model("small-cnn", 1, 10, 28)
+    theta0 = pivot_params(m)
+    assert param_loss(m, theta0).item() == 0.0
+    n = sum(p.numel() for p in m.parameters())
+    with torch.no_grad():
+        next(m.parameters()).add_(2.0)
+    first = next(m.parameters()).numel()
+    assert param_loss(m, theta0).item() == pytest.approx(4.0 * first / n, rel=1e-5)
+
+
+def test_pt_loss_combines_terms_and_label_free_variant_uses_pivot_softmax():
+    torch.manual_seed(1)
+    m = build_model("small-cnn", 1, 3, 12)
+    theta0 = pivot_params(m)
+    x = torch.randn(8, 1, 12, 12)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    z = m.features(x)
+    logits = m.head(z)
+    loss, parts = pt_loss(logits, z, logits.detach(), z.detach(), y, m, theta0, 0.05, 2e4, True)
+    assert parts["param"] == 0.0
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, y).item() + 0.05 * parts["slol"], rel=1e-5)
+    _, free = pt_loss(logits, z, logits.detach(), z.detach(), y, m, theta0, 0.0, 0.0, False)
+    soft = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()  # CE to the pivot's softmax (T=1)
+    assert free["task"] == pytest.approx(soft.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ BCU
+
+
+def test_layer_groups_follow_resnet_stages_and_split_other_models_by_depth():
+    r = layer_groups(build_model("resnet18-narrow", 3, 10, 32), 5)
+    assert r["conv1"] == 0 and r["layer1.0.conv1"] == 1 and r["layer3.0.shortcut.0"] == 3
+    assert r["layer4.1.conv2"] == 4 and r["head"] == -1
+    s = layer_groups(build_model("small-cnn", 1, 10, 28), 5)
+    assert [s[f"body.{i}"] for i in (0, 3, 7, 10, 14)] == [0, 1, 2, 3, 4] and s["head"] == -1
+
+
+def test_student_keeps_norm_layers_and_reinitialises_a_depth_growing_share():
+    """Pitfall: normalisation layers are never re-initialised."""
+    torch.manual_seed(0)
+    teacher = build_model("resnet18-narrow", 3, 10, 32)
+    with torch.no_grad():  # make BN state distinguishable from a fresh init
+        for mod in teacher.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.fill_(0.7)
+                mod.running_mean.fill_(0.3)
+    ratios = [0.0, 0.0, 0.1, 0.3, 0.6]
+    student, realised = student_init(teacher, build_model("resnet18-narrow", 3, 10, 32), ratios, 1.0, seed=5)
+    for (name, ms), mt in zip(student.named_modules(), teacher.modules(), strict=True):
+        if isinstance(ms, torch.nn.BatchNorm2d):
+            for k, v in ms.state_dict().items():
+                assert torch.equal(v, mt.state_dict()[k]), (name, k)
+    assert realised["conv1"] == 0.0 and realised["layer1.0.conv1"] == 0.0
+    assert realised["head"] == 1.0
+    assert abs(realised["layer2.0.conv1"] - 0.1) < 0.03
+    assert abs(realised["layer3.0.conv1"] - 0.3) < 0.03
+    assert abs(realised["layer4.0.conv1"] - 0.6) < 0.03
+    w_s, w_t = student.layer4[0].conv1.weight, teacher.layer4[0].conv1.weight
+    kept = w_s == w_t
+    assert 0.35 < kept.float().mean().item() < 0.45  # the rest took fresh values, no rescaling
+    again, _ = student_init(teacher, build_model("resnet18-narrow", 3, 10, 32), ratios, 1.0, seed=5)
+    assert torch.equal(((again.layer4[0].conv1.weight == w_t)), kept)  # the mask is a function of the seed
+    same, _ = student_init(teacher, build_model("resnet18-narrow", 3, 10, 32), [0.0] * 5, 0.0, seed=5)
+    for a, b in zip(same.state_dict().values(), teacher.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_distillation_has_no_t_squared_factor_and_temperature_goes_from_about_1_to_4():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 10), torch.randn(5, 10)
+    for temp in (1.0, 2.5, 4.0):
+        ref = F.kl_div(F.log_softmax(s / temp, 1), F.softmax(t / temp, 1), reduction="batchmean")
+        assert distill_loss(s, t, temp).item() == pytest.approx(ref.item(), rel=1e-6)
+    assert distill_loss(t, t, 3.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert temperature(0, 100) == pytest.approx(1.03) and temperature(99, 100) == pytest.approx(4.0)
+    temps = [temperature(e, 100) for e in range(100)]
+    assert all(b > a for a, b in zip(temps, temps[1:], strict=False))
+
+
+# ------------------------------------------------------------------------------------------------ CTI
+
+
+def test_trigger_lives_in_pixel_space_and_is_normalised_after_adding():
+    """Pitfall: the trigger is added to [0, 1] pixels, clamped, and only then normalised."""
+    imgs = torch.randint(0, 256, (4, 8, 8, 1), dtype=torch.uint8)
+    x01 = imgs.permute(0, 3, 1, 2).float() / 255
+    assert torch.allclose(apply_trigger(x01, torch.zeros(1, 8, 8), 0.5, 0.25), to_input(imgs, 0.5, 0.25))
+    sat = apply_trigger(x01, torch.full((1, 8, 8), 3.0), 0.5, 0.25)
+    assert torch.allclose(sat, torch.full_like(sat, (1.0 - 0.5) / 0.25))  # clamped to 1 before normalising
+
+
+def test_trigger_asr_counts_only_images_outside_the_target_class():
+    class Const(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(x.shape[0], 3)
+            out[:, 2] = 1.0
+            return out
+
+    x = torch.rand(6, 1, 4, 4)
+    y = torch.tensor([2, 2, 0, 1, 0, 1])
+    assert trigger_asr(Const(), x, y, torch.zeros(1, 4, 4), 2, 0.5, 0.25) == 1.0  # 4 of 4 non-class-2 images
+    assert trigger_asr(Const(), x, y, torch.zeros(1, 4, 4), 0, 0.5, 0.25) == 0.0
+    assert math.isnan(trigger_asr(Const(), x, torch.full((6,), 1), torch.zeros(1, 4, 4), 1, 0.5, 0.25))
+
+
+# ---------------------------------------------------------------------------------------- activations
+
+
+def test_activation_features_pool_every_block_channel_by_avg_and_max():
+    torch.manual_seed(0)
+    cnn = build_model("small-cnn", 1, 10, 28)
+    assert len(activation_modules(cnn)) == 5
+    x = torch.randn(3, 1, 28, 28)
+    f, logits = activation_features(cnn, x, "avg+max")
+    assert f.shape == (3, 2 * (16 + 16 + 32 + 32 + 128)) and logits.shape == (3, 10)
+    assert activation_features(cnn, x, "avg")[0].shape == (3, 224)
+    last_avg = f[:, 2 * (16 + 16 + 32 + 32):2 * (16 + 16 + 32 + 32) + 128]
+    assert torch.allclose(last_avg, cnn.features(x), atol=1e-6)  # the last block's average = the features
+    res = build_model("resnet18-narrow", 3, 10, 32)
+    assert len(activation_modules(res)) == 8
+    assert channel_counts(res, torch.randn(1, 3, 32, 32)) == [16, 16, 32, 32, 48, 48, 64, 64]
+
+
+def test_clamped_model_is_identity_with_wide_bounds_and_clamps_with_tight_ones():
+    torch.manual_seed(0)
+    cnn = build_model("small-cnn", 1, 10, 28)
+    cnn.eval()
+    x = torch.randn(4, 1, 28, 28)
+    counts = channel_counts(cnn, x)
+    wide = ClampedModel(cnn, counts, 1e6, math.log(2e6))
+    assert torch.allclose(wide(x), cnn(x), atol=1e-5)
+    tight = ClampedModel(cnn, counts, 0.0, math.log(1e-3))  # every activation forced into [-0.001, 0]
+    out = tight(x)
+    assert not torch.allclose(out, cnn(x))
+    assert torch.allclose(out, tight(torch.randn(4, 1, 28, 28)), atol=1e-2)  # the input no longer matters
+    assert all(p.requires_grad is False for p in cnn.parameters())
+    assert len(tight.bounds()) == 5 and len(tight.bounds()[4]["hi"]) == 128
