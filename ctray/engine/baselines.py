@@ -224,7 +224,7 @@ def run_baselines(cfg: Config, fbase: str, methods: Sequence[str], *, poison_rat
             pooled = FeatureMoments(moments.count.sum()[None], moments.sum.sum(0)[None], moments.outer.sum(0)[None])
             g_axes = pooled.principal_axes(min(b.scan_dim, dim))[0]
             g_mean = pooled.means()[0]
-        proj = feats.select_columns(["sid", "label", "features"]).map_batches(
+        proj = feats.select_columns(["sid", "label", "features"], num_cpus=cfg.data.read_cpus).map_batches(
             _project_batch, fn_kwargs={"axes": axes, "means": means, "g_axes": g_axes, "g_mean": g_mean},
             batch_size=4096, batch_format="numpy", num_cpus=cfg.data.read_cpus)
         cols = ("sid",) + (("cproj",) if want_cls else ()) + (("gproj",) if g_axes is not None else ())

@@ -75,10 +75,16 @@ def score_dataset(ds: Any, ckpt: str, filename: str, arch: str, in_channels: int
         num_cpus=data_cfg.score_cpus)
 
 
+# CPUs of a column projection (select_columns): trivial work, but Ray Data gives an op without num_cpus a
+# whole CPU, which deadlocks when training (or sweep trials) hold the rest of a small machine (ray-notes §5)
+PROJECT_CPUS = 0.05
+
+
 def collect_scores(scored: Any, columns: tuple[str, ...] = ("sid", "loss", "pred", "prob")) -> dict[str, np.ndarray]:
     """Stream the per-sample scalar columns to the driver (no images, no features)."""
     parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
-    for b in scored.select_columns(list(columns)).iter_batches(batch_size=8192, batch_format="numpy"):
+    cols = scored.select_columns(list(columns), num_cpus=PROJECT_CPUS)
+    for b in cols.iter_batches(batch_size=8192, batch_format="numpy"):
         for c in columns:
             parts[c].append(b[c])
     return {c: (np.concatenate(v) if v else np.empty(0)) for c, v in parts.items()}
@@ -121,7 +127,7 @@ def feature_moments(scored_with_features: Any, num_classes: int, num_cpus: float
 
     from ctray.core.pca import FeatureMoments
 
-    feats = scored_with_features.select_columns(["label", "features"])
+    feats = scored_with_features.select_columns(["label", "features"], num_cpus=PROJECT_CPUS)
     total: FeatureMoments | None = None
     moments = feats.map_batches(_Moments, fn_constructor_kwargs={"num_classes": num_classes}, batch_size=4096,
                                 batch_format="numpy", num_cpus=num_cpus)
@@ -143,7 +149,7 @@ def class_projections(scored_with_features: Any, num_classes: int, num_cpus: flo
     its class's axes. The driver receives C x D x D moments per batch and 2 floats per sample, never the
     features. Returns ``{"sid", "proj_x", "proj_y"}``.
     """
-    feats = scored_with_features.select_columns(["sid", "label", "features"])
+    feats = scored_with_features.select_columns(["sid", "label", "features"], num_cpus=PROJECT_CPUS)
     total = feature_moments(feats, num_classes, num_cpus)
     axes, means = total.principal_axes(2), total.means()
     projected = feats.map_batches(_project_batch, fn_kwargs={"axes": axes, "means": means}, batch_size=4096,
