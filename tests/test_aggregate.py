@@ -148,6 +148,7 @@ def test_poison_concentrate_is_deterministic(fm_concentrated, tmp_path):
     assert t2["poison"].tolist() == truth["poison"].tolist()
 
 
+@pytest.mark.slow  # make test: tests/test_detect.py::test_detects_badnet checks the same ranking on its run
 @pytest.mark.timeout(3600)
 def test_concentrated_poison_shard_ranks_first(fm_concentrated, tmp_path, ray_session):
     """badnet 1% of 4,000 Fashion-MNIST with 60% of the poison (24 of 40) in one of 4 shards, `smoke`

@@ -21,6 +21,7 @@ from ctray.engine.bench import COLUMNS, METHODS, NO_DEFENSE, compare
 # Real training in the grid tests: quiet, a minute or two; on a starved box (load 80) far longer.
 pytestmark = [pytest.mark.timeout(2400)]
 
+USED = ("ct", "ss", "act")
 MINIMAL = ["--preset", "smoke", "scale.num_workers=0", "ct.iters=[20,20,20,20,20,20]",
            "ct.pretrain_epochs=[1,1,1,1,1,1]", "base.epochs=2", "base.milestones=[1]", "bench.strip_n=4"]
 
@@ -55,21 +56,24 @@ def tiny_base(tmp_path_factory, fmnist_available, ray_session):
 
 def test_bench_grid_writes_rows_files_and_resumes(tiny_base, tmp_path, capsys):
     out = str(tmp_path / "b")
+    # CT, one feature baseline and the activation score: every code path of a cell (CT run, baselines on its
+    # f_base, act, retraining) at half the cost of all six; each baseline's detection is tested in
+    # tests/test_engine_baselines.py
     argv = ["-q", "bench", "--base", tiny_base, "--attacks", "badnet", "--rate", "0.05", "--out", out, "--retrain",
-            *MINIMAL]
+            "--methods", ",".join(USED), *MINIMAL]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| attack | method | TPR |" in printed and "CT against the best baseline" in printed
 
     t = pq.read_table(os.path.join(out, "bench.parquet")).to_pandas()
-    assert list(t.columns) == list(COLUMNS)
-    want = {(a, m) for a in ("none", "badnet") for m in (NO_DEFENSE, *METHODS)}
+    assert list(t.columns) == list(COLUMNS) and set(USED) <= set(METHODS)
+    want = {(a, m) for a in ("none", "badnet") for m in (NO_DEFENSE, *USED)}
     assert set(zip(t["attack"], t["method"], strict=True)) == want and len(t) == len(want)
     bad = t[t["attack"] == "badnet"].set_index("method")
     none = t[t["attack"] == "none"].set_index("method")
-    assert (bad.loc[list(METHODS), "n_poison"] == 50).all() and (bad.loc[list(METHODS), "n"] == 1000).all()
-    assert (none.loc[list(METHODS), "n_poison"] == 0).all() and none.loc[list(METHODS), "tpr"].isna().all()
-    for m in METHODS:  # every detector has a flag rate and a time; detection columns in range
+    assert (bad.loc[list(USED), "n_poison"] == 50).all() and (bad.loc[list(USED), "n"] == 1000).all()
+    assert (none.loc[list(USED), "n_poison"] == 0).all() and none.loc[list(USED), "tpr"].isna().all()
+    for m in USED:  # every detector has a flag rate and a time; detection columns in range
         for frame in (bad, none):
             assert 0.0 <= frame.loc[m, "flag_rate"] <= 1.0 and frame.loc[m, "seconds"] > 0
         assert 0.0 <= bad.loc[m, "fpr"] <= 1.0 and 0.0 <= bad.loc[m, "auroc"] <= 1.0
@@ -80,18 +84,19 @@ def test_bench_grid_writes_rows_files_and_resumes(tiny_base, tmp_path, capsys):
     ss_bad, ss_none = json.loads(bad.loc["ss", "params"]), json.loads(none.loc["ss", "params"])
     assert ss_bad["rate"] == pytest.approx(0.05) and ss_bad["rate_source"] == "oracle (truth)"
     assert ss_none["rate"] == 0.01 and ss_bad["k_per_class"] == 75  # 1.5 * 0.05 * 1000
-    assert json.loads(bad.loc["strip", "params"])["n"] == 4
+    act = json.loads(bad.loc["act", "params"])
+    assert act["frr"] == 0.05 and act["n_fit"] + act["n_calib"] == 100  # the clean reserve, split in halves
 
     md = open(os.path.join(out, "bench.md")).read()
-    assert md.count("| badnet |") >= 6 and "compared on" in md
+    assert md.count("| badnet |") >= len(USED) + 1 and "compared on" in md
     with open(os.path.join(out, "bench.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     for p in ("data/badnet/truth.parquet", "badnet/ct/scores.parquet", "badnet/ct/checkpoints/round_0/fbase.pt",
-              "badnet/scores/scan.parquet", "badnet/retrain/ct.pt", "badnet/retrain/no-defense.json", "none/cell.json"):
+              "badnet/scores/act.parquet", "badnet/retrain/ct.pt", "badnet/retrain/no-defense.json", "none/cell.json"):
         assert os.path.exists(os.path.join(out, p)), p
-    sc = pq.read_table(os.path.join(out, "badnet/scores/ac.parquet")).to_pandas()
+    sc = pq.read_table(os.path.join(out, "badnet/scores/ss.parquet")).to_pandas()
     assert len(sc) == 1000 and list(sc.columns) == ["shard", "key", "label", "score", "flagged"]
-    assert int(sc["flagged"].sum()) == int(bad.loc["ac", "n_flagged"])
+    assert int(sc["flagged"].sum()) == int(bad.loc["ss", "n_flagged"])
 
     # a rerun skips every finished method and retraining: same rows, results untouched
     stamps = {f: os.path.getmtime(os.path.join(out, "badnet/methods", f)) for f in os.listdir(os.path.join(out, "badnet/methods"))}

@@ -104,6 +104,7 @@ def test_cleanse_brings_asr_down_without_labels(models, tmp_path, capsys):
     assert after["acc"] >= before["acc"] - 0.08, (before, after)
 
 
+@pytest.mark.slow  # ~80 s (a clean model's reference repair + 20 inversions); the fast suite runs the audit below
 def test_audit_ranks_backdoored_above_clean_and_names_the_target(models, repaired, tmp_path, capsys):
     d = models["data"]
     scores = {}

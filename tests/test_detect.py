@@ -57,7 +57,8 @@ def _poisoned(base: str, tmp_path_factory, attack: str) -> str:
     from ctray.data.poison import poison_dataset
 
     d = str(tmp_path_factory.mktemp(attack) / attack)
-    poison_dataset(base, d, attack, rate=RATE, target=0, seed=0, options={})
+    # 60% of the poison in one shard: the detection test also checks that shards.parquet ranks it first
+    poison_dataset(base, d, attack, rate=RATE, target=0, seed=0, options={}, concentrate=0.6)
     return d
 
 
@@ -122,8 +123,8 @@ def _corrupt_copy(src: str, dst) -> str:
 
 
 def test_detects_badnet(fm_badnet, tmp_path):
-    """badnet at 2% of 4,000, local mode (measured: TPR 1.0, FPR 0.0; every round kept all 80 poison
-    until the N/100 budget of round 4)."""
+    """badnet at 2% of 4,000 (60% of it in one shard), local mode (measured with the poison spread
+    evenly: TPR 1.0, FPR 0.0; every round kept all 80 poison until the N/100 budget of round 4)."""
     out = str(tmp_path / "run")
     res = detect(_cfg(fm_badnet, out, **PRETRAIN))
     m = res.metrics["ct"]
@@ -136,6 +137,11 @@ def test_detects_badnet(fm_badnet, tmp_path):
     rounds = json.load(open(f"{out}/rounds.json"))
     assert rounds[0]["kept"] >= N_TRAIN // 2
     assert rounds[0]["kept_poison"] == m["n_poison"]  # base_0 fits the poison: none is distilled away
+    # the shard holding 48 of the 80 poison samples is ranked first and marked (binomial test)
+    conc = json.load(open(f"{fm_badnet}/manifest.json"))["attack"]["concentrate"]["shard"]
+    shards = pq.read_table(f"{out}/shards.parquet").to_pandas()
+    assert shards["shard"].iloc[0] == conc, shards[["shard", "flagged", "p_value"]]
+    assert bool(shards["marked"].iloc[0]) and shards["flagged"].sum() == res.n_flagged
 
 
 # Two rounds, a few steps: enough to run every phase (f_base, pretraining, confusion, distillation, the
