@@ -451,7 +451,9 @@ def _section_classes(page: _Page, d: _RunData) -> None:
     finite = np.where(np.isfinite(lr), lr, np.nan)
     top = np.nanmax(finite) if np.isfinite(finite).any() else 1.0
     lr_plot = np.where(np.isfinite(lr), lr, top * 2 if np.isposinf(lr).any() else 0.0)
-    lr_plot = np.clip(np.nan_to_num(lr_plot, nan=0.0), 1e-3, None)
+    # capped: a near-degenerate class can give an LR near the float maximum, whose log-axis ticks overflow
+    # in matplotlib (the table below prints the true value)
+    lr_plot = np.clip(np.nan_to_num(lr_plot, nan=0.0, posinf=1e12), 1e-3, 1e12)
 
     fig = _new_figure(10, 3.4)
     ax = fig.add_subplot()

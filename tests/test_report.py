@@ -150,3 +150,14 @@ def test_roc_points_matches_rank_statistic() -> None:
     u = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
     assert auc == pytest.approx(u, abs=1e-12)
     assert np.isnan(roc_points(np.zeros(5, bool), np.arange(5.0))[2])
+
+
+def test_huge_likelihood_ratio_still_plots(tmp_path) -> None:
+    """A near-degenerate class gave an LR of 1.8e287 in a real short run; matplotlib's log-axis ticks
+    overflowed and the page was not written. The bar is capped; the table keeps the true value."""
+    run_dir, _ = _make_run(tmp_path)
+    dec = json.loads((run_dir / "decisions.json").read_text())
+    dec["classes"][0]["lr"] = 1.819748385042677e287
+    (run_dir / "decisions.json").write_text(json.dumps(dec))
+    page = open(write_report(str(run_dir)), encoding="utf-8").read()
+    assert "<h2>" in page and os.path.exists(run_dir / "plots" / "class_likelihood_ratios.png")
