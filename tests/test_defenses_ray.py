@@ -82,6 +82,7 @@ def test_repair_brings_asr_down_and_keeps_accuracy(models, repaired, capsys):
     assert after["acc"] >= before["acc"] - 0.08, (before, after)
 
 
+@pytest.mark.slow  # ~40 s; keeps `make test` under 15 min (repair, audit and act stay fast)
 def test_cleanse_brings_asr_down_without_labels(models, tmp_path, capsys):
     from ctray.models.checkpoint import read_checkpoint
 
@@ -166,6 +167,7 @@ def test_activation_score_detects_planted_poison(models, tmp_path, capsys):
     assert t["score"].between(0, 1).all()
 
 
+@pytest.mark.slow  # ~30 s; keeps `make test` under 15 min (repair, audit and act stay fast)
 def test_purifier_keeps_clean_accuracy(models, tmp_path, capsys):
     d = models["data"]
     out = str(tmp_path / "pur.pt")
