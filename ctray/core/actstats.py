@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ctray.core.checks import check_matrix
 from ctray.errors import ConfigError, DataError
 
 __all__ = [
@@ -34,18 +35,6 @@ __all__ = [
     "intervals_quantile",
     "out_of_interval_score",
 ]
-
-
-def _check_acts(acts: np.ndarray, width: int | None = None) -> np.ndarray:
-    a = np.asarray(acts)
-    if a.ndim != 2:
-        raise DataError(f"activations must be 2-D (B, F), got shape {a.shape}")
-    if width is not None and a.shape[1] != width:
-        raise DataError(f"activations have {a.shape[1]} neurons, the statistics {width}")
-    a = a.astype(np.float64, copy=False)
-    if not np.isfinite(a).all():
-        raise DataError(f"activations hold {int((~np.isfinite(a)).sum())} non-finite values")
-    return a
 
 
 @dataclass
@@ -75,7 +64,7 @@ class ActMoments:
     @classmethod
     def of(cls, acts: np.ndarray) -> ActMoments:
         """Statistics of one batch ``(B, F)``."""
-        a = _check_acts(acts)
+        a = check_matrix(acts, "activations")
         m = cls.zeros(a.shape[1])
         return m.update(a)
 
@@ -85,7 +74,7 @@ class ActMoments:
 
     def update(self, acts: np.ndarray) -> ActMoments:
         """Fold a batch ``(B, F)`` in place (Chan merge of the batch's own moments); returns self."""
-        a = _check_acts(acts, self.width)
+        a = check_matrix(acts, "activations", cols=self.width)
         if a.shape[0] == 0:
             return self
         b = ActMoments(a.shape[0], a.mean(0), ((a - a.mean(0)) ** 2).sum(0), a.min(0), a.max(0))
@@ -148,7 +137,7 @@ class ActHistogram:
 
     def update(self, acts: np.ndarray) -> ActHistogram:
         """Count a batch ``(B, F)`` in place; returns self."""
-        a = _check_acts(acts, self.lo.shape[0])
+        a = check_matrix(acts, "activations", cols=self.lo.shape[0])
         if a.shape[0] == 0:
             return self
         f = a.shape[1]
@@ -226,7 +215,7 @@ def out_of_interval_score(acts: np.ndarray, lo: np.ndarray, hi: np.ndarray,
     Raises:
         DataError: shapes disagree or no neuron is active.
     """
-    a = _check_acts(acts, np.asarray(lo).shape[0])
+    a = check_matrix(acts, "activations", cols=np.asarray(lo).shape[0])
     mask = np.ones(a.shape[1], bool) if active is None else np.asarray(active, bool)
     if mask.shape != (a.shape[1],):
         raise DataError(f"active must be bool ({a.shape[1]},), got shape {mask.shape}")

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ctray.core.checks import check_matrix
 from ctray.core.distill import check_labels
 from ctray.errors import ConfigError, DataError
 
@@ -74,20 +75,6 @@ class BaselineOutput:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _matrix(x: np.ndarray, name: str, n: int | None = None) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.ndim != 2:
-        raise DataError(f"{name} must be 2-D (N, d), got shape {arr.shape}")
-    if arr.size and not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise DataError(f"{name} must be real numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64, copy=False)
-    if not np.isfinite(arr).all():
-        raise DataError(f"{name} holds {int((~np.isfinite(arr)).sum())} non-finite values")
-    if n is not None and arr.shape[0] != n:
-        raise DataError(f"{name} must have {n} rows (one per label), got {arr.shape[0]}")
-    return arr
-
-
 def _finite_or_none(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
@@ -129,7 +116,7 @@ def spectral_signature(top_projection: np.ndarray, labels: np.ndarray, num_class
         class's spread. Flags: the ``k`` highest scores of every class (ties by position).
     """
     lab = check_labels(labels, num_classes)
-    z = _matrix(np.asarray(top_projection).reshape(-1, 1), "top_projection", lab.size)[:, 0]
+    z = check_matrix(np.asarray(top_projection).reshape(-1, 1), "top_projection", rows=lab.size)[:, 0]
     n = lab.size
     score = np.zeros(n)
     flagged = np.zeros(n, bool)
@@ -169,7 +156,7 @@ def kmeans(x: np.ndarray, k: int = 2, *, n_init: int = 10, max_iter: int = 300, 
     Raises:
         ConfigError: bad ``k`` / ``n_init`` / ``max_iter``.
     """
-    pts = _matrix(x, "x")
+    pts = check_matrix(x, "x")
     n = pts.shape[0]
     if not 1 <= k <= max(n, 1) or n == 0:
         raise ConfigError(f"k-means needs 1 <= k <= n points, got k={k}, n={n}")
@@ -229,7 +216,7 @@ def activation_clustering(components: np.ndarray, labels: np.ndarray, num_classe
         (strictly), i.e. ``score > 1 - max_fraction`` on the smaller side.
     """
     lab = check_labels(labels, num_classes)
-    z = _matrix(components, "components", lab.size)
+    z = check_matrix(components, "components", rows=lab.size)
     if not 0.0 < max_fraction <= 0.5:
         raise ConfigError(f"the activation-clustering size threshold must lie in (0, 0.5], got {max_fraction}")
     n = lab.size
@@ -332,8 +319,8 @@ def strip_decide(entropy: np.ndarray, reserve_entropy: np.ndarray, frr: float = 
     Returns:
         score = -entropy (higher = more suspicious); flags ``entropy < threshold``.
     """
-    e = _matrix(np.asarray(entropy).reshape(-1, 1), "entropy")[:, 0]
-    r = _matrix(np.asarray(reserve_entropy).reshape(-1, 1), "reserve_entropy")[:, 0]
+    e = check_matrix(np.asarray(entropy).reshape(-1, 1), "entropy")[:, 0]
+    r = check_matrix(np.asarray(reserve_entropy).reshape(-1, 1), "reserve_entropy")[:, 0]
     if r.size == 0:
         raise DataError("STRIP needs the reserve's entropies to set its threshold; the reserve is empty")
     if not 0.0 < frr < 1.0:
@@ -366,7 +353,7 @@ def scan_global_model(features: np.ndarray, labels: np.ndarray, num_classes: int
         ``(Su, Se)``, float64 (d, d) each: between-class and within-class covariance.
     """
     lab = check_labels(labels, num_classes)
-    x = _matrix(features, "features", lab.size)
+    x = check_matrix(features, "features", rows=lab.size)
     if x.shape[0] < 2:
         raise DataError(f"SCAn's global model needs >= 2 reserve samples, got {x.shape[0]}")
     X = x - x.mean(0)
@@ -511,8 +498,8 @@ def scan(features: np.ndarray, labels: np.ndarray, reserve_features: np.ndarray,
     """
     lab = check_labels(labels, num_classes)
     rlab = check_labels(reserve_labels, num_classes, "reserve_labels")
-    xd = _matrix(features, "features", lab.size)
-    xr = _matrix(reserve_features, "reserve_features", rlab.size)
+    xd = check_matrix(features, "features", rows=lab.size)
+    xr = check_matrix(reserve_features, "reserve_features", rows=rlab.size)
     if xd.shape[1] != xr.shape[1]:
         raise DataError(f"features ({xd.shape[1]}-d) and reserve_features ({xr.shape[1]}-d) must share a space")
     Su, Se = scan_global_model(xr, rlab, num_classes, max_iter=max_iter)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from ctray.core.checks import check_matrix
 from ctray.core.distill import check_labels
 from ctray.errors import ConfigError, DataError
 
@@ -25,18 +26,6 @@ __all__ = ["FeatureMoments", "project"]
 _ROWS_PER_GROUP_FOR_GEMM = 8
 # Float64 budget of one chunk of per-sample outer products (elements, ~64 MB).
 _OUTER_CHUNK_ELEMS = 8 * 2**20
-
-
-def _check_features(features: np.ndarray, name: str = "features") -> np.ndarray:
-    arr = np.asarray(features)
-    if arr.ndim != 2:
-        raise DataError(f"{name} must be 2-D (B, D), got shape {arr.shape}")
-    if arr.size and not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise DataError(f"{name} must be real numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64, copy=False)
-    if not np.isfinite(arr).all():
-        raise DataError(f"{name} holds {int((~np.isfinite(arr)).sum())} non-finite values (NaN or inf)")
-    return arr
 
 
 @dataclass
@@ -101,7 +90,7 @@ class FeatureMoments:
         Raises:
             DataError: shapes disagree with each other or with D, labels out of range, non-finite features.
         """
-        x = _check_features(features)
+        x = check_matrix(features, "features")
         lab = check_labels(labels, self.num_classes)
         if x.shape[0] != lab.shape[0]:
             raise DataError(f"features and labels must have the same length, got {x.shape[0]} and {lab.shape[0]}")
@@ -212,7 +201,7 @@ def project(features: np.ndarray, labels: np.ndarray, axes: np.ndarray, means: n
     Raises:
         DataError: shapes disagree, labels out of range, non-finite features.
     """
-    x = _check_features(features)
+    x = check_matrix(features, "features")
     ax = np.asarray(axes, dtype=np.float64)
     mu = np.asarray(means, dtype=np.float64)
     if ax.ndim != 3:
