@@ -73,6 +73,9 @@ def test_bench_grid_writes_rows_files_and_resumes(tiny_base, tmp_path, capsys):
     none = t[t["attack"] == "none"].set_index("method")
     assert (bad.loc[list(USED), "n_poison"] == 50).all() and (bad.loc[list(USED), "n"] == 1000).all()
     assert (none.loc[list(USED), "n_poison"] == 0).all() and none.loc[list(USED), "tpr"].isna().all()
+    # no detection bounds here: MINIMAL is a plumbing schedule, not a detector (measured: on the clean
+    # 1,000-sample base it cleansed classes 0 and 9, 83 flagged). CT's no-attack bound is asserted by
+    # tests/test_detect.py::test_no_attack_flags_almost_nothing on the smoke schedule
     for m in USED:  # every detector has a flag rate and a time; detection columns in range
         for frame in (bad, none):
             assert 0.0 <= frame.loc[m, "flag_rate"] <= 1.0 and frame.loc[m, "seconds"] > 0
