@@ -356,9 +356,9 @@ class Config:
                               f"{self.scale.checkpoint_every} and {self.scale.max_failures}")
         if self.scale.num_workers < 0:
             raise ConfigError(f"scale.num_workers must be >= 0 (0 = local mode), got {self.scale.num_workers}")
-        for b in (self.ct.batch_size, self.ct.pretrain_batch_size, self.base.batch_size):
-            if b < max(1, self.scale.num_workers):
-                raise ConfigError(f"batch sizes ({b}) must be >= scale.num_workers ({self.scale.num_workers}):"
+        for bs in (self.ct.batch_size, self.ct.pretrain_batch_size, self.base.batch_size):
+            if bs < max(1, self.scale.num_workers):
+                raise ConfigError(f"batch sizes ({bs}) must be >= scale.num_workers ({self.scale.num_workers}):"
                                   " the global batch is split across workers")
         b = self.bench
         if not 0.0 <= b.ss_rate <= 1.0:

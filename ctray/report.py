@@ -847,7 +847,9 @@ def _section_sources(page: _Page, d: _RunData) -> None:
 
 def _alpha(d: _RunData, table: str) -> float:
     """The marking level the run used (run.json ``aggregate``), 0.01 for older runs."""
-    agg = d.run.get("aggregate") if isinstance(d.run.get("aggregate"), dict) else {}
+    agg = d.run.get("aggregate")
+    if not isinstance(agg, dict):
+        agg = {}
     try:
         return float((agg.get(table) or {}).get("alpha", 0.01))
     except (TypeError, ValueError):

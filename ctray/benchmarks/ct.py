@@ -56,7 +56,8 @@ def _bare_scoring(data: str, ckpt_dir: str, arch: str, n_cls: int, mean: float, 
     from ctray.training.steps import score_batch, to_input
 
     ok, _ = load_arrays(expand_shards(f"{data}/train-*.tar"), ImageSpec(28, 28, 1), n_cls)
-    imgs = torch.from_numpy(np.stack([r.image for r in ok]))
+    # ok records hold uint8 (H, W, C) images; asarray (no copy) types the Optional field for np.stack
+    imgs = torch.from_numpy(np.stack([np.asarray(r.image, dtype=np.uint8) for r in ok]))
     labels = torch.tensor([r.label for r in ok])
     m = build_model(arch, 1, n_cls, 28)
     m.load_state_dict(load_weights(ckpt_dir, "confused.pt"))

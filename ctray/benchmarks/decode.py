@@ -23,6 +23,7 @@ import gzip
 import io
 import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -65,7 +66,7 @@ def decoders(mode: str, fmt: str) -> dict:
     def pil(b: bytes) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(b)))
 
-    out = {"pil+convert": pil_convert, "pil": pil}
+    out: dict[str, Callable[[bytes], np.ndarray]] = {"pil+convert": pil_convert, "pil": pil}
     try:
         import torch
         from torchvision.io import ImageReadMode, decode_image, decode_jpeg, decode_png
@@ -75,7 +76,11 @@ def decoders(mode: str, fmt: str) -> dict:
     tv_mode = ImageReadMode.GRAY if mode == "L" else ImageReadMode.RGB
     specific = decode_png if fmt == "PNG" else decode_jpeg
     for name, fn in (("tv.decode_image", decode_image), (f"tv.decode_{fmt.lower()}", specific)):
-        out[name] = lambda b, fn=fn: fn(torch.frombuffer(b, dtype=torch.uint8), mode=tv_mode).permute(1, 2, 0).numpy()
+        # a def, not a lambda: mypy cannot infer a lambda's type here
+        def tv(b: bytes, fn: Callable[..., torch.Tensor] = fn) -> np.ndarray:
+            return fn(torch.frombuffer(b, dtype=torch.uint8), mode=tv_mode).permute(1, 2, 0).numpy()
+
+        out[name] = tv
     return out
 
 

@@ -120,7 +120,7 @@ def spectral_signature(top_projection: np.ndarray, labels: np.ndarray, num_class
     n = lab.size
     score = np.zeros(n)
     flagged = np.zeros(n, bool)
-    per_class = []
+    per_class: list[dict[str, Any]] = []
     for c in range(num_classes):
         idx = np.flatnonzero(lab == c)
         if idx.size == 0:
@@ -222,7 +222,7 @@ def activation_clustering(components: np.ndarray, labels: np.ndarray, num_classe
     n = lab.size
     score = np.zeros(n)
     flagged = np.zeros(n, bool)
-    per_class = []
+    per_class: list[dict[str, Any]] = []
     for c in range(num_classes):
         idx = np.flatnonzero(lab == c)
         if idx.size < 2:
@@ -392,7 +392,7 @@ def scan_split(x: np.ndarray, F: np.ndarray, rng: np.random.Generator, *, max_it
     Returns:
         ``(subgroup bool (n,), mu1 (d,), mu2 (d,))``: True = subgroup 1, and the two subgroup means.
     """
-    n = x.shape[0]
+    n = int(x.shape[0])  # int, not the stub's Any: picks rng.random's array overload
     z = rng.random(n)
     if n == 1:
         return np.zeros(1, bool), x[0].copy(), x[0].copy()

@@ -328,7 +328,7 @@ def decode_image(data: bytes, spec: ImageSpec | None) -> tuple[np.ndarray | None
     try:
         with Image.open(io.BytesIO(data)) as im_raw:
             im_raw.load()
-            im = im_raw
+            im: Image.Image = im_raw  # the 16-bit branch rebinds it to a plain Image
             if im.mode.startswith("I;16") or im.mode == "I":
                 # 16/32-bit grey: scale to 8 bits (PIL's convert("L") would clip 1000 to 255)
                 wide = np.asarray(im, dtype=np.int64)

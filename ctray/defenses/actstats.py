@@ -37,7 +37,7 @@ def activation_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     blocks = [(n, m) for n, m in mods if type(m).__name__ == "BasicBlock"]
     if blocks:
         return blocks
-    relus = [(n, m) for n, m in mods if isinstance(m, nn.ReLU)]
+    relus: list[tuple[str, nn.Module]] = [(n, m) for n, m in mods if isinstance(m, nn.ReLU)]
     if not relus:
         raise ValueError(f"{type(model).__name__}: no BasicBlock or nn.ReLU module to read activations from")
     return relus

@@ -15,6 +15,8 @@ pivot f0 (a copy of the suspect model before tuning):
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,9 +89,10 @@ def param_loss(model: nn.Module, theta0: list[torch.Tensor]) -> torch.Tensor:
     params = list(model.parameters())
     if len(params) != len(theta0):
         raise ValueError(f"pivot has {len(theta0)} parameter tensors, the model {len(params)}")
-    total = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, theta0, strict=True))
+    # sum() is typed Tensor | int (its start 0); with >= 1 parameter (checked above) it is a Tensor
+    total = cast(torch.Tensor, sum(((p - p0) ** 2).sum() for p, p0 in zip(params, theta0, strict=True)))
     n = sum(p.numel() for p in params)
-    return total / n  # type: ignore[operator]
+    return total / n
 
 
 def pt_loss(logits: torch.Tensor, z: torch.Tensor, logits0: torch.Tensor, z0: torch.Tensor, y: torch.Tensor,

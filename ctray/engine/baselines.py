@@ -123,8 +123,10 @@ def _project_batch(batch: dict[str, np.ndarray], axes: np.ndarray | None, means:
     f = np.asarray(batch["features"], dtype=np.float64)
     out: dict[str, np.ndarray] = {"sid": batch["sid"], "label": batch["label"]}
     if axes is not None:
+        assert means is not None  # the caller passes axes and means together
         out["cproj"] = project(f, np.asarray(batch["label"], np.int64), axes, means).astype(np.float32)
     if g_axes is not None:
+        assert g_mean is not None  # the caller passes g_axes and g_mean together
         out["gproj"] = ((f - g_mean) @ g_axes).astype(np.float32)
     return out
 
@@ -259,6 +261,7 @@ def run_baselines(cfg: Config, fbase: str, methods: Sequence[str], *, poison_rat
             t = time.monotonic()
             gproj = align(got["sid"], got["gproj"]).astype(np.float64)
             r = collect_scores(score_dataset(r_use, *model_args, dcfg, with_features=True), ("label", "features"))
+            assert g_mean is not None  # set with g_axes above when "scan" is asked
             r_g = (np.asarray(r["features"], np.float64) - g_mean) @ g_axes
             out = scan(gproj, labels, r_g, r["label"].astype(np.int64), C, threshold=b.scan_threshold,
                        seed=cfg.seed)

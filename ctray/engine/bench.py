@@ -394,21 +394,23 @@ def bench(out: str, *, train: Sequence[str] | None = None, clean: Sequence[str] 
             data = base if a == "none" else os.path.join(out, "data", a)
             t = [os.path.join(data, "test-0*.tar")] if has_test else []
             trg = [os.path.join(data, "test-triggered-*.tar")] if has_test and a != "none" else []
-            cell = {"name": a, "out": os.path.join(out, a), "train": [os.path.join(data, "train-*.tar")],
-                    "clean": [os.path.join(data, "clean-*.tar")],
-                    "truth": None if a == "none" else os.path.join(data, "truth.parquet"),
-                    "test": t, "triggered": trg}
+            cell: dict[str, Any] = {
+                "name": a, "out": os.path.join(out, a), "train": [os.path.join(data, "train-*.tar")],
+                "clean": [os.path.join(data, "clean-*.tar")],
+                "truth": None if a == "none" else os.path.join(data, "truth.parquet"),
+                "test": t, "triggered": trg}
             if a != "none":
                 cell["poison"] = {"base": base, "data": data, "attack": a, "rate": float(rate), "target": int(target),
                                   "seed": int(poison_seed)}
             cells.append(cell)
         probe = [os.path.join(base, "train-*.tar")]
     else:
+        assert train  # no --base here, and exactly one of base/train was checked above
         if not clean:
             raise ConfigError("the one-data-set form needs --clean (the trusted reserve)")
         from ctray.data.shards import expand_shards
 
-        first = expand_shards(list(train))[0]  # type: ignore[arg-type]
+        first = expand_shards(list(train))[0]
         d = os.path.dirname(first)
         t_def, trg_def = _test_shards(d) if d and not cio.is_remote(first) else ([], [])
         cname = name
@@ -419,7 +421,7 @@ def bench(out: str, *, train: Sequence[str] | None = None, clean: Sequence[str] 
         cells.append({"name": cname, "out": os.path.join(out, cname), "train": list(train), "clean": list(clean),
                       "truth": truth, "test": list(test) if test else t_def,
                       "triggered": list(triggered) if triggered else trg_def})
-        probe = list(train)  # type: ignore[arg-type]
+        probe = list(train)
     ensure_ray()
     if not preset:
         preset, why = choose_preset(probe, bool(overrides.get("scale.use_gpu", False)))

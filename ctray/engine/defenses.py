@@ -159,15 +159,18 @@ def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], 
     job = {"cfg": cfg_d, "method": method, "model_in": model_path, "model_out": out, "extra": prov}
     base = os.path.dirname(os.path.abspath(out)) if not cio.is_remote(out) else out.rsplit("/", 1)[0]
     t = time.monotonic()
+    # The two ignores: ray.train.torch rebinds TorchTrainer to the Train V2 class at import (V2 is on by
+    # default), whose loop may return a value (result.return_value); mypy sees only the V1 declaration
     result = TorchTrainer(
-        finetune_loop_per_worker, train_loop_config=job, scaling_config=scaling, datasets={"train": ds},
+        finetune_loop_per_worker,  # type: ignore[arg-type]
+        train_loop_config=job, scaling_config=scaling, datasets={"train": ds},
         run_config=ray.train.RunConfig(name=f"{method}-{os.path.basename(out)}-{int(time.time() * 1e3)}",
                                        storage_path=cio.join(base, ".ray-train"),
                                        failure_config=ray.train.FailureConfig(max_failures=2))).fit()
     secs = time.monotonic() - t
     if not cio.exists(out):
         raise RuntimeError(f"{method} finished but wrote no checkpoint to {out}")
-    info = dict(result.return_value or {})
+    info = dict(result.return_value or {})  # type: ignore[attr-defined]
     log.info("%s: %s -> %s in %.1fs", method, model_path, out, secs)
     return FinetuneResult(ckpt=out, method=method, n_fit=int(info.get("n_fit", 0)), n_held=int(info.get("n_held", 0)),
                           seconds=secs, info=info)
@@ -403,8 +406,8 @@ class _ActMapper:
         from ctray.core.actstats import ActHistogram, ActMoments, hash_split, out_of_interval_score
 
         if self.op == "score":
-            f = self._features(batch["image"])
-            s = out_of_interval_score(f, self.p["lo"], self.p["hi"], self.p["active"])
+            feats = self._features(batch["image"])
+            s = out_of_interval_score(feats, self.p["lo"], self.p["hi"], self.p["active"])
             return {"shard": batch["shard"], "key": batch["key"], "sid": batch["sid"], "label": batch["label"], "score": s}
         a = hash_split(batch["sid"], 0.5, self.p["split_seed"])
         f = self._features(batch["image"][a]) if a.any() else None

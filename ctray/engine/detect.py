@@ -336,8 +336,11 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
                "checkpoint_every": every}
         # A failed worker group is restarted up to max_failures times; the loop then continues from the
         # latest in-round checkpoint (ctray.training.loop). num_to_keep=1: only the latest is ever read.
+        # The two ignores: ray.train.torch rebinds TorchTrainer to the Train V2 class at import (V2 is on by
+        # default), whose loop may return a value (result.return_value); mypy sees only the V1 declaration
         trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=job, scaling_config=scaling,
+            train_loop_per_worker,  # type: ignore[arg-type]
+            train_loop_config=job, scaling_config=scaling,
             datasets={"train": d_usable, "reserve": r_usable},
             run_config=ray.train.RunConfig(
                 name=f"round-{r}", storage_path=storage,
@@ -347,7 +350,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         if not cio.exists(cio.join(ckpt, CONFUSED)):
             raise RuntimeError(f"round {r}: training wrote no checkpoint to {ckpt}")
         fit_s = time.monotonic() - t
-        inner = result.return_value or {}
+        inner = result.return_value or {}  # type: ignore[attr-defined]
         if inner.get("resumed_from"):
             log.warning("round %d: Ray Train restarted the training workers after a failure; they resumed from "
                         "the checkpoint at %s (fit took %.1fs in all)", r + 1, inner["resumed_from"], fit_s)
@@ -370,7 +373,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         info: dict[str, Any] = {"round": r, "train_seconds": round(fit_s, 2), "score_seconds": round(score_s, 2),
                                 "n_train_set": int(inner.get("n_dr", 0)), "phase_seconds": inner.get("times", {}),
                                 "resumed_from": inner.get("resumed_from")}
-        rs: dict[str, Any] = {"ckpt": ckpt, "losses": f"rounds/round_{r}_losses.npz"}
+        rs = {"ckpt": ckpt, "losses": f"rounds/round_{r}_losses.npz"}
         _save_npz(cio.join(out, rs["losses"]), sid=sc["sid"], loss=sc["loss"])
         if not final:
             keep_n = keep_count(cfg.ct.keep_ratio[r], N)
@@ -405,6 +408,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
                       "poison_kept_share": share(info.get("kept_poison", 0), n_poison)})
 
     if final_scores is None:  # every round was done before: rescore the final model for the decision
+        assert prev_ckpt is not None  # rounds >= 1 (validated) and all were done: the resume loop set it
         scored, agg = final_pass(prev_ckpt)
         sc = collect_scores(scored)
         proj = class_projections(scored, C, cfg.data.read_cpus)
@@ -454,7 +458,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     for i, rl in enumerate(round_losses):
         cols[f"round_loss_{i}"] = rl[:n].astype(np.float32)
     cols["proj_x"], cols["proj_y"] = final_scores["proj_x"][:n], final_scores["proj_y"][:n]
-    metrics = None
+    metrics: dict[str, Any] | None = None
     if truth is not None:
         cols["truth_poison"], cols["truth_cover"] = truth[0][:n], truth[1][:n]
         metrics = {"ct": detection_metrics(flagged[:n], truth[0][:n], score[:n])}
@@ -466,8 +470,9 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
 
         t_act = time.monotonic()
         act = activation_scores(cio.join(state["fbase_ckpt"], FBASE), train_paths, clean_paths, cfg)
-        pos = {(s_, k_): i for i, (s_, k_) in enumerate(zip(act.shard.tolist(), act.key.tolist(), strict=True))}
-        at = np.array([pos[(s_, k_)] for s_, k_ in zip(shards_ok.tolist(), keys_ok.tolist(), strict=True)])
+        act_pos = {(s_, k_): i for i, (s_, k_)
+                   in enumerate(zip(act.shard.tolist(), act.key.tolist(), strict=True))}
+        at = np.array([act_pos[(s_, k_)] for s_, k_ in zip(shards_ok.tolist(), keys_ok.tolist(), strict=True)])
         cols["score_act"], cols["flagged_act"] = act.score[at], act.flagged[at]
         secs["act"] = time.monotonic() - t_act
         if metrics is not None:
@@ -479,6 +484,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         "shard": ident["shard"][bad].astype(str), "key": ident["key"][bad].astype(str),
         "reason": ident["reason"][bad].astype(str), "level": ident["level"][bad].astype(str)}))
     # ---- per-shard / per-source tables from the aggregator (+ the read's quarantine counts)
+    assert agg is not None  # final_pass ran: in the last round or in the rescoring above
     by_shard, by_source, agg_info = ray.get(agg.result.remote())
     ray.kill(agg)
     k_ = (C, cfg.aggregate.bins, cfg.aggregate.top_k)
@@ -576,7 +582,7 @@ def _save_npz(path: str, **arrays: np.ndarray) -> None:
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, allow_pickle=True, **arrays)  # its default, named so mypy does not bind **arrays to it
     cio.write_bytes(path, buf.getvalue())
 
 

@@ -377,7 +377,8 @@ def sweep(train: str | list[str], clean: str | list[str], out: str, truth: str |
              conc, sorted(sp), objective, grace, rounds)
     grid = tuner.fit()
 
-    rows = [_trial_row(r, sp, ctx, cfg) for r in grid]
+    # by index: ResultGrid iterates only through the legacy __getitem__ protocol, which mypy does not know
+    rows = [_trial_row(grid[i], sp, ctx, cfg) for i in range(len(grid))]
     rows.sort(key=lambda r: r["trial"])
     base_row = None
     if baseline_ref is not None:
@@ -523,7 +524,7 @@ def _plot(out: str, rows: list[dict[str, Any]], sp: dict[str, dict[str, Any]], o
         y = [r["objective"] for r in done]
         if "choice" in sp[k] and any(isinstance(c, list) for c in sp[k]["choice"]):
             choices = [json.dumps(c) for c in sp[k]["choice"]]
-            x = [choices.index(json.dumps(v)) if json.dumps(v) in choices else -1 for v in vals]
+            x: list[float] = [choices.index(json.dumps(v)) if json.dumps(v) in choices else -1 for v in vals]
             ax.set_xticks(range(len(choices)), [c[:18] for c in choices], fontsize=7, rotation=20)
         else:
             x = [float(v) for v in vals]

@@ -126,15 +126,18 @@ def train_model(cfg: Config, out: str, exclude: Sequence[tuple[str, str]] | None
     base = os.path.dirname(out) if not cio.is_remote(out) else out.rsplit("/", 1)[0]
     storage = cio.join(os.path.abspath(base) if not cio.is_remote(base) else base, ".ray-train")
     t = time.monotonic()
+    # The two ignores: ray.train.torch rebinds TorchTrainer to the Train V2 class at import (V2 is on by
+    # default), whose loop may return a value (result.return_value); mypy sees only the V1 declaration
     result = TorchTrainer(
-        train_loop_per_worker, train_loop_config=job, scaling_config=scaling, datasets={"train": usable(ds)},
+        train_loop_per_worker,  # type: ignore[arg-type]
+        train_loop_config=job, scaling_config=scaling, datasets={"train": usable(ds)},
         run_config=ray.train.RunConfig(name=f"train-{os.path.basename(out)}-{int(time.time() * 1e3)}",
                                        storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=2))).fit()
     secs = time.monotonic() - t
     if not cio.exists(out):
         raise RuntimeError(f"training finished but wrote no checkpoint to {out}")
-    n_train = int((result.return_value or {}).get("n_train", len(sids) - n_ex))
+    n_train = int((result.return_value or {}).get("n_train", len(sids) - n_ex))  # type: ignore[attr-defined]
     log.info("trained %s on %d samples (%d excluded) in %.1fs -> %s", cfg.base.arch, n_train, n_ex, secs, out)
     return TrainResult(ckpt=out, n_train=n_train, n_excluded=n_ex, seconds=secs)
 

@@ -151,7 +151,7 @@ def _load_local(name: str, keep: np.ndarray | None) -> LocalSet:
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    m = model.module if hasattr(model, "module") else model
+    m: torch.nn.Module = getattr(model, "module", model)  # unwrap DDP
     return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
 
 
@@ -164,7 +164,7 @@ def load_weights(ckpt_dir: str, filename: str) -> dict[str, torch.Tensor]:
 
 def _predict(model: torch.nn.Module, data: LocalSet, mean: float, std: float, device: torch.device,
              bs: int = 512) -> torch.Tensor:
-    m = model.module if hasattr(model, "module") else model
+    m: torch.nn.Module = getattr(model, "module", model)  # unwrap DDP
     preds = []
     for i in range(0, len(data), bs):
         x = to_input(data.images[i:i + bs].to(device), mean, std)
@@ -368,8 +368,9 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(seed + rank)
         if start and resume is not None:
             _restore_sampler(sampler, resume.own, "main", rank)
-            if (resume.own or {}).get("gen") is not None:
-                gen.set_state(resume.own["gen"])
+            own = resume.own or {}
+            if own.get("gen") is not None:
+                gen.set_state(own["gen"])
         prog = Progress(log, f"[w{rank}] {name}", total - start, "steps")
         for s in range(start, total):
             idx = sampler.next()

@@ -68,6 +68,7 @@ def confusion_loss(logits_conf: torch.Tensor, y_conf: torch.Tensor, logits_insp:
     l_conf = F.cross_entropy(logits_conf, y_conf)
     if logits_insp is None:
         return l_conf
+    assert y_insp is not None, "an inspection part needs its labels"
     ce = F.cross_entropy(logits_insp, y_insp, reduction="none")
     w = class_w[y_insp] if class_w is not None else torch.ones_like(ce)
     l_insp = (w * ce).sum() / w.sum()
