@@ -518,8 +518,11 @@ def _run_sweep(args: argparse.Namespace) -> int:
     for r in res.trials:
         print(f"{r['trial']:<14} {r['status']:<8} {f(r['objective']):>9} {f(r['canary_recall']):>10} "
               f"{f(r['flag_rate']):>9} {f(r['tpr']):>7} {f(r['fpr']):>7} {f(r['f1']):>7} {f(r['seconds']):>8}")
-    print(f"best: trial {res.best['trial']} {res.objective}={f(res.best['objective'])} "
-          f"(tpr {f(res.best['tpr'])}, fpr {f(res.best['fpr'])}); settings {res.best['overrides']}")
+    if res.warning:
+        print(f"NO RECOMMENDATION: {res.warning}")
+    else:
+        print(f"best: trial {res.best['trial']} {res.objective}={f(res.best['objective'])} "
+              f"(tpr {f(res.best['tpr'])}, fpr {f(res.best['fpr'])}); settings {res.best['overrides']}")
     if res.baseline is not None:
         b = res.baseline
         print(f"preset unchanged (baseline): {res.objective}={f(b['objective'])} (tpr {f(b['tpr'])}, fpr {f(b['fpr'])})")

@@ -65,6 +65,9 @@ class SweepResult:
         objective: ``"f1"`` (with truth) or ``"canary"`` (canary recall - flag_weight x outside flag rate).
         trials: one dict per row of ``trials.parquet`` (trials, then the baseline when run).
         best: the best finished trial's row.
+        warning: non-empty when the objective could not rank the trials: with the canary objective, no
+            finished trial isolated a single canary, so the scores only reward flagging less; best.yaml
+            then holds the preset unchanged (see :func:`uninformative_canaries`).
         baseline: the baseline row (the preset unchanged), or None.
         best_config: path of ``best.yaml``.
         plot: path of ``objective.png``.
@@ -80,6 +83,8 @@ class SweepResult:
     plot: str
     seconds: float = 0.0
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # empty, or why the objective could not rank the trials (then best.yaml keeps the preset unchanged)
+    warning: str = ""
 
 
 # ---------------------------------------------------------------------------------------------- space
@@ -391,14 +396,42 @@ def sweep(train: str | list[str], clean: str | list[str], out: str, truth: str |
         raise RuntimeError(f"no trial finished ({len(rows)} rows in {out}/trials.parquet); first error: "
                            f"{errs[0] if errs else 'none'}")
     best = max(finished, key=lambda r: (r["objective"], -rows.index(r)))
+    warning = uninformative_canaries(objective, finished)
+    if warning:
+        log.warning("sweep: %s", warning)
+        best = {**best, "overrides": "{}"}  # recommend nothing the objective could not justify
     _write_trials(out, rows)
-    best_path = _write_best(out, preset, ov, best, objective)
+    best_path = _write_best(out, preset, ov, best, objective, warning)
     plot = _plot(out, rows, sp, objective)
     secs = time.time() - t0
     log.info("sweep done in %.0fs: best %s = %.4f (trial %s)%s", secs, objective, best["objective"], best["trial"],
              f"; baseline {base_row['objective']:.4f}" if base_row and math.isfinite(base_row["objective"]) else "")
     return SweepResult(out_dir=out, objective=objective, trials=rows, best=best, baseline=base_row,
-                       best_config=best_path, plot=plot, seconds=secs, space=sp)
+                       best_config=best_path, plot=plot, seconds=secs, space=sp, warning=warning)
+
+
+def uninformative_canaries(objective: str, finished: list[dict[str, Any]]) -> str:
+    """Why a canary-objective sweep cannot rank its trials, or ``""`` when it can.
+
+    The canary objective is ``recall - flag_weight * outside flag rate``. When no finished trial isolated
+    even one canary (every recall 0: the canaries were not learned, or confusion erased them), the
+    objective only rewards flagging less, so the "best" trial is the one that flagged least, real
+    poison included. Measured: a 4-trial sweep on 2,000 samples with 5% badnet picked a trial that
+    flagged nothing over the preset that flagged all 100 poison (docs/sweep.md).
+
+    Args:
+        objective: ``"canary"`` or ``"f1"`` (the latter never warns).
+        finished: rows of the finished trials, each with ``canary_recall`` (float, NaN when unknown).
+    """
+    if objective != "canary" or not finished:
+        return ""
+    rec = [r.get("canary_recall") for r in finished]
+    if any(isinstance(x, int | float) and math.isfinite(x) and x > 0 for x in rec):
+        return ""
+    return (f"no finished trial isolated any canary (recall 0 in all {len(finished)}): the canary objective "
+            "cannot rank the trials (it only rewards flagging less), so best.yaml keeps the preset unchanged. "
+            "The canaries were not learned or did not survive confusion: raise sweep.canary_rate or "
+            "canary.min_count, lengthen pretraining, or sweep with --truth on a planted copy of your data")
 
 
 def _trial_row(r: Any, sp: dict[str, dict[str, Any]], ctx: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -484,7 +517,8 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_best(out: str, preset: str, ov: dict[str, Any], best: dict[str, Any], objective: str) -> str:
+def _write_best(out: str, preset: str, ov: dict[str, Any], best: dict[str, Any], objective: str,
+                warning: str = "") -> str:
     """best.yaml: the preset, the user's non-machine overrides and the best trial's settings, with
     per-round index keys (``ct.lam.5``) folded into whole lists so ``load_config`` reads it back."""
     cfg = load_config(preset, {**ov, **json.loads(best["overrides"])})
@@ -500,6 +534,9 @@ def _write_best(out: str, preset: str, ov: dict[str, Any], best: dict[str, Any],
     path = os.path.join(out, "best.yaml")
     head = (f"# ctray sweep: best of the finished trials (trial {best['trial']}, {objective} = {best['objective']:.4f}).\n"
             f"# Rerun: ctray detect --train ... --clean ... --out RUN --config {path}\n")
+    if warning:
+        head = (f"# ctray sweep: NO RECOMMENDATION. {warning}.\n# This file is the preset with your overrides.\n"
+                f"# Rerun: ctray detect --train ... --clean ... --out RUN --config {path}\n")
     with open(path, "w") as f:
         f.write(head + yaml.safe_dump(doc, sort_keys=False))
     return path
