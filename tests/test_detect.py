@@ -151,6 +151,7 @@ TWO_ROUNDS = {"ct.rounds": 2, "ct.pretrain_epochs": [1, 1], "ct.iters": [30, 30]
               "base.epochs": 1, "base.milestones": [1]}
 
 
+@pytest.mark.slow  # 83 s: `make test` measured 978 s at load 1-5 with it (limit 900 s); make test-all runs it
 def test_real_worker_process_matches_local_mode(fm_badnet, tmp_path):
     """The same loop in a real Ray Train worker process (DDP group of one) and in local mode gives the
     same per-sample losses and flags: one code path for 0, 1 and N workers. Detection with worker
