@@ -35,6 +35,15 @@ def test_small_preset_keeps_the_algorithm_shape():
     assert sum(small.ct.iters) < sum(ref.ct.iters)
 
 
+def test_small_cnn_is_small_with_the_small_cnn():
+    """`small-cnn` is documented as `small`'s schedule with the 5-conv CNN as CT's model: nothing else may
+    drift between the two files."""
+    small, fast = load_config("small").to_dict(), load_config("small-cnn").to_dict()
+    assert small["ct"].pop("arch") == "resnet18-narrow" and fast["ct"].pop("arch") == "small-cnn"
+    small.pop("preset"), fast.pop("preset")
+    assert small == fast
+
+
 def test_overrides_types_and_indices():
     cfg = load_config("smoke", parse_overrides(["ct.lam.3=31", "seed=7", "scale.num_workers=2",
                                                  "ct.lr=[0.1, 0.1, 0.1, 0.1, 0.1, 0.1]", "data.strict=true"]))

@@ -215,15 +215,17 @@ def test_detects_badnet_two_workers_ddp(fm_badnet, tmp_path):
 
 @pytest.mark.slow
 def test_detects_blend_10k_small_preset(fm10k_blend, tmp_path):
-    """blend at 1% of 10k with the `small` preset (~8 min here): measured TPR 0.49, FPR 0.0001. Blend is
-    the attack where the CPU schedule's larger confusion steps erase part of the backdoor (README)."""
+    """blend at 1% of 10k with the `small` preset (~14 min here): measured TPR 0.92, FPR 0.0 with its narrow
+    ResNet-18 as CT's model. With the 5-conv CNN (`small-cnn`) blend escapes (TPR 0): the confusion erases
+    the global trigger with the benign features (README "Detection per attack"). No fast blend test:
+    at 4,000 samples the `smoke` schedule loses blend in rounds 2-4 with either model (measured: TPR 0)."""
     o = {"io.train": [f"{fm10k_blend}/train-*.tar"], "io.clean": [f"{fm10k_blend}/clean-*.tar"],
          "io.out": str(tmp_path / "run"), "io.truth": f"{fm10k_blend}/truth.parquet", "scale.num_workers": 0}
     res = detect(load_config("small", o))
     m = res.metrics["ct"]
-    assert 0 in res.cleansed_classes
-    assert m["tpr"] >= 0.4, m
-    assert m["fpr"] <= 0.01, m
+    assert res.cleansed_classes == [0], res.cleansed_classes
+    assert m["tpr"] >= 0.8, m
+    assert m["fpr"] <= 0.005, m
 
 
 # fast (~95 s at load 3-4): the bench grid test's no-attack cell runs a plumbing schedule that is no
@@ -242,15 +244,21 @@ def test_no_attack_flags_almost_nothing(tmp_path, fmnist_available):
 
 
 QUICK = {"ct.iters": [60] * 6, "ct.pretrain_epochs": [1] * 6, "base.epochs": 1, "base.milestones": [1]}
+# the resume test's schedule: 4 rounds (every per-round list cut to 4 entries, the distillation lists to
+# 3, the reserve in the final round's pretraining as in the 6-round schedule): resumption is the same code
+# for any round count, and 2 rounds fewer in both full runs keep the fast suite in its budget
+QUICK4 = {"ct.rounds": 4, "ct.iters": [60] * 4, "ct.pretrain_epochs": [1] * 4, "ct.lr": [0.015, 0.015, 0.04, 0.04],
+          "ct.lam": [20, 20, 30, 15], "ct.batch_factor": [2] * 4, "ct.keep_ratio": [0.5, 0.04, 0.01],
+          "ct.floor_k": [50, 50, 100], "ct.reserve_in_pretrain_from": 3, "base.epochs": 1, "base.milestones": [1]}
 
 
 @pytest.mark.timeout(2400)
 def test_resume_after_kill(fm_badnet, tmp_path):
-    """Kill a real `ctray detect` process after 2 rounds; re-running with the same --out resumes there
+    """Kill a real `ctray detect` process (4-round schedule) after 2 rounds; re-running with the same --out resumes there
     and ends where an uninterrupted run ends (same per-round losses, same flags). A short schedule: this
     checks resumption; detection itself is asserted by the worker test above."""
     out = str(tmp_path / "run")
-    quick = [f"{k}={json.dumps(v)}" for k, v in QUICK.items()]
+    quick = [f"{k}={json.dumps(v)}" for k, v in QUICK4.items()]
     cmd = [sys.executable, "-m", "ctray.cli", "detect", "--train", f"{fm_badnet}/train-*.tar", "--clean",
            f"{fm_badnet}/clean-*.tar", "--out", out, "--preset", "smoke", "scale.num_workers=0", *quick]
     env = dict(os.environ, RAY_ADDRESS="", RAY_AUTH_MODE="disabled")
@@ -272,18 +280,18 @@ def test_resume_after_kill(fm_badnet, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done_before = len(json.load(open(state))["rounds"])
-    assert 2 <= done_before <= 5, done_before  # killed mid-run, not after the end
+    assert 2 <= done_before <= 3, done_before  # killed mid-run, not after the end
     ckpts_before = [r["ckpt"] for r in json.load(open(state))["rounds"]]
-    res = detect(_cfg(fm_badnet, out, truth=True, **QUICK))
+    res = detect(_cfg(fm_badnet, out, truth=True, **QUICK4))
     st = json.load(open(state))
     assert [r["ckpt"] for r in st["rounds"][:done_before]] == ckpts_before  # earlier rounds were not redone
-    assert len(st["rounds"]) == 6
-    _check_accounting(out, N_TRAIN)
+    assert len(st["rounds"]) == 4
+    _check_accounting(out, N_TRAIN, rounds=4)
     # the same run without the kill: local mode on CPU is deterministic, so resuming changes nothing
-    ref = detect(_cfg(fm_badnet, str(tmp_path / "ref"), truth=True, **QUICK))
+    ref = detect(_cfg(fm_badnet, str(tmp_path / "ref"), truth=True, **QUICK4))
     a = pq.read_table(f"{out}/scores.parquet").to_pandas().sort_values(["shard", "key"]).reset_index(drop=True)
     b = pq.read_table(f"{ref.run_dir}/scores.parquet").to_pandas().sort_values(["shard", "key"]).reset_index(drop=True)
-    for c in [f"round_loss_{r}" for r in range(6)]:
+    for c in [f"round_loss_{r}" for r in range(4)]:
         assert np.allclose(a[c], b[c], atol=1e-5), c
     assert (a["flagged"] == b["flagged"]).all()
     assert res.cleansed_classes == ref.cleansed_classes

@@ -195,7 +195,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     from ctray.core.decide import decide, flag_samples, likelihood_ratios
     from ctray.core.distill import distill, keep_count
     from ctray.core.shardstats import GroupStats
-    from ctray.data.reader import read_shards, usable
+    from ctray.data.reader import TRAIN_COLUMNS, read_shards, usable
     from ctray.engine.aggregate import (
         feed_aggregator,
         flagged_by_group,
@@ -205,7 +205,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         write_group_tables,
     )
     from ctray.engine.canary import canary_dataset, plan_canaries
-    from ctray.engine.score import class_projections, collect_scores, score_dataset
+    from ctray.engine.score import PROJECT_CPUS, class_projections, collect_scores, score_dataset
     from ctray.training.loop import CONFUSED, FBASE, train_loop_per_worker
 
     cfg.validate()
@@ -249,7 +249,9 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     C = int(n_cls or max(int(labels.max()), int(r_ident["label"][r_ident["ok"].astype(bool)].max())) + 1)
     if C < 2:
         raise DataError("CT needs at least 2 classes")
-    d_usable = usable(ds_all)
+    # the usable rows with the scoring columns, materialized ONCE (canaries included): every round's
+    # training and scoring pass reads these blocks instead of re-filtering all read rows, and the read rows
+    # (quarantined ones included, whose identities are already in `ident`) are released
     d_final = scoring_view(ds_all, cfg.data.read_cpus)  # + shard, source for the shard/source tables
     # defender canaries (sweep): appended after the real samples; every array below covers both, every
     # user-facing output only the first n_real entries
@@ -258,12 +260,14 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
                           cfg.canary.target, cfg.seed)
     if cplan is not None:
         can = canary_dataset(ds_all, cplan, cfg.data.read_cpus)
-        d_usable = d_usable.union(usable(can))
         d_final = d_final.union(scoring_view(can, cfg.data.read_cpus))
         sids = np.concatenate([sids, cplan.sids])
         labels = np.concatenate([labels, np.full(len(cplan), cplan.target, np.int64)])
         if len(np.unique(sids)) != len(sids):
             raise DataError("a canary id collides with a sample id; change seed")
+    d_final = d_final.materialize()
+    del ds_all
+    d_usable = d_final.select_columns(list(TRAIN_COLUMNS), num_cpus=PROJECT_CPUS)
     n_can = len(sids) - n_real
     N = len(sids)
     order = np.argsort(sids)
@@ -276,7 +280,8 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         outv[order[pos]] = v
         return outv
 
-    r_usable = usable(ds_r)
+    r_usable = usable(ds_r).materialize()
+    del ds_r
     cfg_d = cfg.to_dict()
     scaling, threads = _scaling(cfg)
     cfg_d["scale"]["torch_threads"] = threads
