@@ -13,3 +13,7 @@ class ConfigError(CtrayError):
 
 class DataError(CtrayError):
     """Input data is unusable (names the shard/file/key and what was wrong)."""
+
+
+class RunDirMismatchError(ConfigError):
+    """The run directory holds a run made with another config or inputs (resuming it would mix two runs)."""

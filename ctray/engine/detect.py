@@ -24,7 +24,7 @@ import pyarrow as pa
 from ctray import io as cio
 from ctray._version import __version__
 from ctray.config import Config, load_config
-from ctray.errors import ConfigError, DataError
+from ctray.errors import ConfigError, DataError, RunDirMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     if cio.exists(state_path):
         old = cio.read_json(state_path)
         if old.get("fingerprint") != fp:
-            raise ConfigError(f"run directory {out} holds a run with another config or inputs "
+            raise RunDirMismatchError(f"run directory {out} holds a run with another config or inputs "
                               f"(fingerprint {old.get('fingerprint')} != {fp}); use a new --out")
         state = old
         if state["rounds"]:
