@@ -527,7 +527,20 @@ def load_preset(name: str) -> dict[str, Any]:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path} must be a mapping")
-    return data
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    # `extends: NAME`: the named preset, with this file's keys replacing its keys section by section (so a
+    # variant states only what differs, e.g. small-cnn = small with another ct.arch)
+    if parent == name:
+        raise ConfigError(f"preset {path} extends itself")
+    merged = load_preset(str(parent))
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def load_config(preset: str | None = None, overrides: dict[str, Any] | None = None,
