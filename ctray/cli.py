@@ -395,13 +395,15 @@ def _run_audit(args: argparse.Namespace) -> int:
     res = audit_model(_defense_cfg(args), args.model, args.clean, args.out, args.ref, args.cache)  # type: ignore[arg-type]
     if args.json:
         d = res.to_dict()
-        print(json.dumps({k: d[k] for k in ("score", "target", "per_class", "backdoored", "threshold",
-                                             "reference_score", "ref_ckpt", "n_opt", "n_eval")}))
+        print(json.dumps({k: d[k] for k in ("score", "score_mode", "gap", "target", "per_class", "backdoored",
+                                             "threshold", "reference_score", "ref_ckpt", "n_opt", "n_eval")}))
     else:
-        print(f"score {res.score:.4f} (max success gap; higher = more suspicious), target class {res.target}, "
-              f"backdoored: {res.backdoored} (threshold {res.threshold})")
+        what = "max success gap" if res.score_mode == "gap" else "max gap x median trigger size / trigger size"
+        print(f"score {res.score:.4f} ({what}; higher = more suspicious), target class {res.target}, "
+              f"backdoored: {res.backdoored} (threshold {res.threshold}); max success gap {res.gap:.4f}")
         for r in res.per_class:
-            print(f"  class {r['class']}: gap {r['gap']:+.3f} (asr model {r['asr_model']:.3f}, reference {r['asr_ref']:.3f})")
+            print(f"  class {r['class']}: score {r['score']:+.3f}, gap {r['gap']:+.3f} (asr model {r['asr_model']:.3f}, "
+                  f"reference {r['asr_ref']:.3f}), trigger size {r['trigger_l1']:.4f}")
         if args.out:
             print(f"triggers and audit.json in {args.out}")
     return 0

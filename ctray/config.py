@@ -240,7 +240,13 @@ class AuditConfig:
     eval_frac: float = 0.5  # trusted share held out (by sample id) to measure the gap; the reference uses the
     #                         test set, which ctray never touches
     classes: list[int] = field(default_factory=list)  # candidate targets; empty = every class
-    threshold: float = 0.5  # "backdoored" when score > this; set from clean models' scores (docs/defenses.md)
+    score: str = "gap-size"  # model score (ctray.core.audit): "gap" = the reference's max_c gap_c; "gap-size"
+    #                          weighs each gap by median trigger size / its trigger size. Measured on
+    #                          Fashion-MNIST small CNNs (docs/defenses.md): AUROC 0.56 with "gap" (every
+    #                          model, clean or not, reached a gap near 1 on some class), 1.0 with "gap-size"
+    threshold: float = 1.5  # "backdoored" when score > this. gap-size: clean models scored 1.15-1.22 and
+    #                         backdoored ones 1.73-1.96 (docs/defenses.md); "gap": the reference has none (it
+    #                         reports AUROC), 0.5 is ours. Calibrate on clean models of your own setting
     task_cpus: float = 0.5  # CPUs per Ray task (fractional: several classes in parallel on a small box)
     classes_per_task: int = 1  # candidate classes per Ray task (chunk on big K to amortise model loading)
 
@@ -399,6 +405,8 @@ class Config:
 
 def _validate_defenses(cfg: Config) -> None:
     """Cross-field rules of the defense sections (repair, audit, cleanse, act)."""
+    from ctray.core.audit import SCORE_MODES  # here: ctray.core's package import pulls in SciPy (~1 s)
+
     r, a, c, act = cfg.repair, cfg.audit, cfg.cleanse, cfg.act
     checks = [
         (r.steps >= 1 and r.batch_size >= 1 and r.eval_every >= 1, "repair.steps, batch_size, eval_every must be >= 1"),
@@ -407,6 +415,7 @@ def _validate_defenses(cfg: Config) -> None:
         (a.steps_per_class >= 1 and a.batch_size >= 1 and a.classes_per_task >= 1,
          "audit.steps_per_class, batch_size, classes_per_task must be >= 1"),
         (0 < a.eval_frac < 1, f"audit.eval_frac must lie in (0, 1), got {a.eval_frac}"),
+        (a.score in SCORE_MODES, f"audit.score must be one of {', '.join(SCORE_MODES)}, got {a.score!r}"),
         (a.task_cpus > 0, f"audit.task_cpus must be > 0 (fractional is fine), got {a.task_cpus}"),
         (len(c.ratios) >= 1 and all(0 <= x <= 1 for x in [*c.ratios, c.head_ratio]),
          f"cleanse.ratios / head_ratio must lie in [0, 1], got {c.ratios} / {c.head_ratio}"),

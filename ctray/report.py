@@ -966,6 +966,10 @@ def _section_quarantine(page: _Page, d: _RunData) -> None:
 # model audit page (ctray audit --out DIR)
 
 AUDIT_REPORT_NAME = "audit.html"
+_AUDIT_SCORE_TEXT = {
+    "gap": "largest success gap ASR(model) - ASR(pivotal-tuned reference); higher = more suspicious",
+    "gap-size": "largest success gap weighted by median trigger size / the class's trigger size (about 1 for a "
+                "median-size trigger); higher = more suspicious"}
 
 
 def write_audit_report(audit_dir: str) -> str:
@@ -987,7 +991,8 @@ def write_audit_report(audit_dir: str) -> str:
     page.add("summary", "Verdict", _kv_table([
         ("verdict", f"<b>{_e(verdict)}</b> (score {_fmt(res.get('score'))} vs threshold {_fmt(res.get('threshold'))})"),
         ("suspected target class", _fmt(res.get("target"))),
-        ("score", "largest success gap ASR(model) - ASR(pivotal-tuned reference); higher = more suspicious"),
+        ("score", _e(_AUDIT_SCORE_TEXT.get(res.get("score_mode", "gap"), str(res.get("score_mode"))))),
+        ("largest success gap", _fmt(res.get("gap", res.get("score")))),
         ("trusted images", f"{_fmt(res.get('n_opt'))} to invert, {_fmt(res.get('n_eval'))} to measure"),
         ("reference model", _e(res.get("ref_ckpt"))),
         ("time", _fmt_seconds(res.get("seconds")))]))
@@ -1006,10 +1011,12 @@ def write_audit_report(audit_dir: str) -> str:
         if os.path.exists(p):
             with open(p, "rb") as f:
                 pic = _img_tag(f.read(), f"trigger of class {r['class']}", cls="inline")
-        rows.append([_fmt(r["class"]), _fmt(r["gap"]), _fmt(r["asr_model"]), _fmt(r["asr_ref"]), pic])
+        rows.append([_fmt(r["class"]), _fmt(r.get("score", r["gap"])), _fmt(r["gap"]), _fmt(r["asr_model"]),
+                     _fmt(r["asr_ref"]), _fmt(r.get("trigger_l1")), pic])
         hl.append(r["class"] == res.get("target"))
     page.add("classes", "Per candidate class",
-             _table(["class", "gap", "ASR model", "ASR reference", "trigger"], rows, highlight=hl) if rows else _na())
+             _table(["class", "score", "gap", "ASR model", "ASR reference", "trigger size (mean |delta|)", "trigger"],
+                    rows, highlight=hl) if rows else _na())
     out = os.path.join(audit_dir, AUDIT_REPORT_NAME)
     with open(out, "w", encoding="utf-8") as f:
         f.write(page.render("ctray model audit", "Calibrated Trigger Inversion (Lukas &amp; Kerschbaum 2023)"))

@@ -35,6 +35,15 @@ def test_small_preset_keeps_the_algorithm_shape():
     assert sum(small.ct.iters) < sum(ref.ct.iters)
 
 
+def test_reference_preset_keeps_the_published_audit_score():
+    """ctray's default audit score (gap-size) is a measured deviation; the faithful one stays a preset."""
+    assert load_config("small").audit.score == "gap-size"
+    ref = load_config("reference-cifar").audit
+    assert (ref.score, ref.threshold) == ("gap", 0.5)
+    with pytest.raises(ConfigError, match="audit.score must be one of gap, gap-size"):
+        load_config("small", {"audit.score": "l1"}).validate()
+
+
 def test_small_cnn_is_small_with_the_small_cnn():
     """`small-cnn` is documented as `small`'s schedule with the 5-conv CNN as CT's model: nothing else may
     drift between the two files."""

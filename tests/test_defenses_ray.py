@@ -118,13 +118,18 @@ def test_audit_ranks_backdoored_above_clean_and_names_the_target(models, repaire
                      "--json", *ref, *COMMON]) == 0
         res = _last_json(capsys)
         assert len(res["per_class"]) == 10
-        assert res["reference_score"] == -res["score"]  # the reference code's sign: higher = cleaner
-        assert res["score"] == max(r["gap"] for r in res["per_class"])
+        assert res["reference_score"] == -res["gap"]  # the reference code's sign: higher = cleaner
+        assert res["gap"] == max(r["gap"] for r in res["per_class"])
+        assert res["score_mode"] == "gap-size" and res["score"] == max(r["score"] for r in res["per_class"])
+        med = float(np.median([r["trigger_l1"] for r in res["per_class"]]))
+        for r in res["per_class"]:
+            assert r["score"] == pytest.approx(r["gap"] * med / r["trigger_l1"])
         assert (out / "audit.json").exists() and (out / "trigger.png").exists() and (out / "audit.html").exists()
         assert (out / f"trigger-c{res['target']}.png").exists()
         scores[name] = res
     assert scores["bd"]["target"] == 0, scores["bd"]
     assert scores["bd"]["score"] > scores["clean"]["score"] + 0.2, (scores["bd"]["score"], scores["clean"]["score"])
+    assert scores["bd"]["gap"] > scores["clean"]["gap"] + 0.2, (scores["bd"]["gap"], scores["clean"]["gap"])
     for res in scores.values():  # the verdict is the score against audit.threshold (calibrate it on clean models)
         assert res["backdoored"] == (res["score"] > res["threshold"])
 

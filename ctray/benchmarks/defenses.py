@@ -162,13 +162,15 @@ def main(argv: list[str] | None = None) -> int:
                 step(f"{name}/audit", lambda ckpt=ckpt, name=name, ref=ref: {
                     k: v for k, v in audit_model(cfg_for(), ckpt, clean_spec, os.path.join(args.out, "audit", name),
                                                  ref=ref).to_dict().items()
-                    if k in ("score", "target", "backdoored", "per_class")})
+                    if k in ("score", "score_mode", "gap", "target", "backdoored", "per_class")})
         import numpy as np
 
         names = [n for n in models if f"{n}/audit" in results]
         y = np.array([models[n][2] for n in names])
         sc = np.array([results[f"{n}/audit"]["score"] for n in names])
-        results["audit_auroc"] = {"models": names, "auroc": auroc(y, sc)}
+        # the reference's score (max gap); results stored before audit.score existed hold it as "score"
+        gp = np.array([results[f"{n}/audit"].get("gap", results[f"{n}/audit"]["score"]) for n in names])
+        results["audit_auroc"] = {"models": names, "auroc": auroc(y, sc), "auroc_gap": auroc(y, gp)}
         save()
     print(_tables(results, args.attacks.split(","), models))
     with open(os.path.join(args.out, "defenses.md"), "w") as f:
@@ -186,11 +188,13 @@ def _tables(results: dict[str, Any], attacks: list[str], models: dict[str, Any])
         m, r, c = (results.get(f"{a}/{k}", {}) for k in ("model", "repair", "cleanse"))
         lines.append("| " + " | ".join([a, f(m.get("acc")), f(m.get("asr")), f(r.get("acc")), f(r.get("asr")),
                                         f(c.get("acc")), f(c.get("asr"))]) + " |")
-    lines += ["", "| model | backdoored | audit score | target |", "|---|---|---|---|"]
+    lines += ["", "| model | backdoored | audit score | score mode | max gap | target |", "|---|---|---|---|---|---|"]
     for n, (_, _, bd) in models.items():
         au = results.get(f"{n}/audit", {})
-        lines.append(f"| {n} | {bd} | {f(au.get('score'))} | {f(au.get('target'))} |")
-    lines.append(f"\naudit AUROC: {f((results.get('audit_auroc') or {}).get('auroc'))}")
+        lines.append(f"| {n} | {bd} | {f(au.get('score'))} | {au.get('score_mode', 'gap')} | "
+                     f"{f(au.get('gap', au.get('score')))} | {f(au.get('target'))} |")
+    aa = results.get("audit_auroc") or {}
+    lines.append(f"\naudit AUROC: {f(aa.get('auroc'))} (score), {f(aa.get('auroc_gap', aa.get('auroc')))} (max gap)")
     lines += ["", "| attack | act AUROC | TPR | FPR | flagged |", "|---|---|---|---|---|"]
     for a in attacks:
         x = results.get(f"{a}/act", {})

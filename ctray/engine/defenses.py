@@ -215,10 +215,14 @@ def cleanse_model(cfg: Config, model_path: str, unlabeled: Sequence[str], out: s
 class AuditResult:
     """Calibrated Trigger Inversion of one model.
 
-    ``score``: the largest success gap ``max_c ASR_f(delta_c) - ASR_fref(delta_c)`` in [-1, 1], **higher =
-    more likely backdoored** (the reference code reports ``-score``, higher = cleaner: ``reference_score``).
-    ``target``: the argmax class (the suspected attack target). ``backdoored``: ``score > audit.threshold``.
-    ``per_class``: per candidate class ``{"class", "gap", "asr_model", "asr_ref", "loss", "trigger_l1"}``.
+    ``score``: the model score of ``score_mode`` (``audit.score``, :mod:`ctray.core.audit`), the max over
+    candidate classes of their ``per_class`` ``score``, **higher = more likely backdoored**: ``"gap-size"``
+    (default) ``gap_c * median(trigger_l1) / trigger_l1_c``, about 1 for a class whose trigger is of median
+    size; ``"gap"`` the success gap itself. ``target``: the argmax class (the suspected attack target).
+    ``backdoored``: ``score > threshold``. ``gap``: the reference's score ``max_c ASR_f(delta_c) -
+    ASR_fref(delta_c)`` in [-1, 1], whatever the mode (the reference code reports ``-gap``, higher =
+    cleaner: ``reference_score``). ``per_class``: per candidate class ``{"class", "gap", "asr_model",
+    "asr_ref", "loss", "trigger_l1", "score"}``.
     """
 
     score: float
@@ -230,11 +234,13 @@ class AuditResult:
     n_opt: int
     n_eval: int
     seconds: float
+    gap: float = float("nan")
+    score_mode: str = "gap-size"
     out_dir: str | None = None
 
     @property
     def reference_score(self) -> float:
-        return -self.score
+        return -self.gap
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -295,6 +301,7 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
     import ray
 
     from ctray.core.actstats import hash_split
+    from ctray.core.audit import class_scores, model_score
     from ctray.engine.detect import ensure_ray
     from ctray.models.checkpoint import load_state
 
@@ -338,17 +345,22 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
     results = [r for part in ray.get([task.remote(ch, spec, state_ref, ref_state_ref, data_ref, acfg, cfg.seed)
                                       for ch in chunks]) for r in part]
     results.sort(key=lambda r: r["class"])
-    gaps = np.array([r["gap"] if np.isfinite(r["gap"]) else -np.inf for r in results])
-    best = int(np.argmax(gaps))
-    score, target = float(gaps[best]), int(results[best]["class"])
-    per_class = [{k2: v for k2, v in r.items() if k2 != "delta"} for r in results]
+    gaps = np.array([r["gap"] for r in results], dtype=np.float64)
+    per = class_scores(gaps, np.array([r["trigger_l1"] for r in results]), cfg.audit.score)
+    try:
+        score, best = model_score(per)
+        gap = model_score(gaps)[0]
+    except ValueError as e:
+        raise DataError(f"audit of {model_path}: {e}; give trusted images of more than one class") from None
+    target = int(results[best]["class"])
+    per_class = [{**{k2: v for k2, v in r.items() if k2 != "delta"}, "score": float(sc)} for r, sc in zip(results, per, strict=True)]
     res = AuditResult(score=score, target=target, backdoored=score > cfg.audit.threshold, threshold=cfg.audit.threshold,
                       per_class=per_class, ref_ckpt=ref, n_opt=int((~ev).sum()), n_eval=int(ev.sum()),
-                      seconds=time.monotonic() - t0, out_dir=out_dir)
+                      seconds=time.monotonic() - t0, gap=gap, score_mode=cfg.audit.score, out_dir=out_dir)
     if out_dir:
         _write_audit(out_dir, res, results, arrays, spec)
-    log.info("audit %s: score %.4f (target %d, backdoored=%s) in %.1fs", model_path, score, target, res.backdoored,
-             res.seconds)
+    log.info("audit %s: %s score %.4f (max gap %.4f, target %d, backdoored=%s) in %.1fs", model_path,
+             cfg.audit.score, score, gap, target, res.backdoored, res.seconds)
     return res
 
 
