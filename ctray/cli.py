@@ -136,6 +136,8 @@ def _print_result(res: object) -> None:
     assert isinstance(res, DetectResult)
     line = (f"read {res.n_read} samples: {res.n_usable} usable, {res.n_quarantined} quarantined; "
             f"flagged {res.n_flagged} (classes {res.cleansed_classes})")
+    if res.weak_classes:
+        line += f"; weak evidence for classes {res.weak_classes} (likelihood ratio < decide.weak_lr: inspect)"
     print(line)
     if res.metrics:
         m = res.metrics["ct"]

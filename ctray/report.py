@@ -362,6 +362,11 @@ def _section_summary(page: _Page, d: _RunData) -> None:
     if isinstance(dec, dict):
         cleansed = [c.get("class") for c in dec.get("classes", []) if c.get("cleansed")]
         rows.append(("cleansed classes", _e(", ".join(str(c) for c in cleansed)) if cleansed else "none"))
+        weak = [c for c in dec.get("classes", []) if c.get("weak")]
+        if weak:
+            rows.append(("weak evidence", "<b>" + _e(", ".join(f"class {c.get('class')} (LR {_fmt(c.get('lr'))})" for c in weak))
+                         + f"</b>: likelihood ratio under {_fmt(dec.get('weak_lr'))}; benign classes with a distinctive "
+                         "sub-cluster reach 1.5-3, detected attacks were above 150. Inspect before dropping."))
     groups = d.truth_groups()
     if groups is not None:
         npois = int(groups["poison"].sum())

@@ -19,6 +19,7 @@ from ctray.core.decide import (
     flag_samples,
     likelihood_ratio_test,
     likelihood_ratios,
+    weak_classes,
 )
 from ctray.core.pca import FeatureMoments, project
 from ctray.errors import ConfigError, DataError
@@ -337,3 +338,16 @@ def test_decision_to_json_is_plain_and_complete():
     assert back["n_flagged"] == dec.n_flagged == int(dec.flagged.sum())
     assert sum(r["n"] for r in back["classes"]) == x.shape[0]
     assert all(type(r["cleansed"]) is bool and type(r["lr"]) is float for r in doc["classes"])
+
+
+def test_weak_classes_marks_cleansed_classes_under_the_bar_only():
+    # the measured cases (README "Detection per attack"): a benign class cleansed at LR 2.63 when wanet
+    # escaped, a detected target at 153; the decision itself is untouched
+    lr = np.array([153.0, 1.05, 2.63, 1.62, 1e111])
+    cleansed = np.array([True, False, True, False, True])
+    np.testing.assert_array_equal(weak_classes(lr, cleansed, 10.0), [False, False, True, False, False])
+    assert not weak_classes(lr, cleansed, 0.0).any()
+    with pytest.raises(ConfigError, match="weak_lr must be a finite number"):
+        weak_classes(lr, cleansed, float("nan"))
+    with pytest.raises(ValueError, match="same shape"):
+        weak_classes(lr, cleansed[:2], 10.0)

@@ -132,6 +132,9 @@ def test_detects_badnet(fm_badnet, tmp_path):
     assert m["tpr"] >= 0.8, m
     assert m["fpr"] <= 0.01, m
     assert 0 in res.cleansed_classes
+    dec = json.load(open(f"{out}/decisions.json"))
+    assert dec["weak_lr"] == 10.0 and not dec["classes"][0]["weak"] and 0 not in res.weak_classes  # strong evidence
+    assert res.weak_classes == [c["class"] for c in dec["classes"] if c["weak"]]
     _check_accounting(out, N_TRAIN)
     assert json.load(open(f"{out}/metrics.json"))["ct"]["tpr"] == m["tpr"]
     rounds = json.load(open(f"{out}/rounds.json"))

@@ -43,6 +43,7 @@ class DetectResult:
     metrics: dict[str, Any] | None
     seconds: dict[str, float] = field(default_factory=dict)
     canary: dict[str, Any] | None = None  # with canary.rate > 0: count, target, recall, outside flag rate
+    weak_classes: list[int] = field(default_factory=list)  # cleansed with LR < decide.weak_lr
 
 
 # ---------------------------------------------------------------------------------------------- ray
@@ -192,7 +193,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ctray.core.decide import decide, flag_samples, likelihood_ratios
+    from ctray.core.decide import decide, flag_samples, likelihood_ratios, weak_classes
     from ctray.core.distill import distill, keep_count
     from ctray.core.shardstats import GroupStats
     from ctray.data.reader import TRAIN_COLUMNS, read_shards, usable
@@ -435,17 +436,22 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         lr = likelihood_ratios(P2, labels, preds, C)
         cleansed = decide(lr, cfg.decide.threshold_max, cfg.decide.threshold_any)
         flagged = flag_samples(labels, preds, cleansed)
+    weak = weak_classes(lr, cleansed, cfg.decide.weak_lr)
     score = final_scores["prob"].astype(np.float64)
     n = n_real  # user-facing outputs: real samples only (canaries are the last n_can entries)
     lab_r, pred_r = labels[:n], preds[:n]
     decisions = {
         "classes": [{"class": c, "n": int((lab_r == c).sum()), "n_isolated": int(((lab_r == c) & (pred_r == c)).sum()),
-                     "lr": float(lr[c]), "cleansed": bool(cleansed[c])} for c in range(C)],
+                     "lr": float(lr[c]), "cleansed": bool(cleansed[c]), "weak": bool(weak[c])} for c in range(C)],
         "threshold_max": cfg.decide.threshold_max, "threshold_any": cfg.decide.threshold_any,
-        "n_flagged": int(flagged[:n].sum()),
+        "weak_lr": cfg.decide.weak_lr, "n_flagged": int(flagged[:n].sum()),
     }
     log.info("decision: cleansed classes %s, flagged %d of %d", np.flatnonzero(cleansed).tolist(),
              int(flagged[:n].sum()), n)
+    for c in np.flatnonzero(weak):
+        log.warning("class %d cleansed on weak evidence: likelihood ratio %.3g < decide.weak_lr %g (benign classes "
+                    "with a distinctive sub-cluster reach 1.5-3; detected attacks were above 150): inspect its "
+                    "flagged samples in report.html before dropping them", c, lr[c], cfg.decide.weak_lr)
     canary_info = None
     if cplan is not None:
         canary_info = {"count": n_can, "target": cplan.target, "rate": cfg.canary.rate,
@@ -547,7 +553,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
                   "cleansed": np.flatnonzero(cleansed).tolist(), "metrics": metrics["ct"] if metrics else None})
     return DetectResult(run_dir=out, n_read=n_read, n_usable=n, n_quarantined=n_quar, n_flagged=int(len(fl)),
                         flagged_keys=[(shards_ok[i], keys_ok[i]) for i in fl],
-                        cleansed_classes=np.flatnonzero(cleansed).tolist(), metrics=metrics, seconds=secs,
+                        cleansed_classes=np.flatnonzero(cleansed).tolist(), weak_classes=np.flatnonzero(weak).tolist(), metrics=metrics, seconds=secs,
                         canary=canary_info)
 
 
