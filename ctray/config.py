@@ -248,10 +248,11 @@ class AuditConfig:
     score: str = "gap-size"  # model score (ctray.core.audit): "gap" = the reference's max_c gap_c; "gap-size"
     #                          weighs each gap by median trigger size / its trigger size. Measured on
     #                          Fashion-MNIST small CNNs (docs/defenses.md): AUROC 0.56 with "gap" (every
-    #                          model, clean or not, reached a gap near 1 on some class), 1.0 with "gap-size"
-    threshold: float = 1.5  # "backdoored" when score > this. gap-size: clean models scored 1.15-1.22 and
-    #                         backdoored ones 1.73-1.96 (docs/defenses.md); "gap": the reference has none (it
-    #                         reports AUROC), 0.5 is ours. Calibrate on clean models of your own setting
+    #                          model, clean or not, reached a gap near 1 on some class); "gap-size" 1.0 on
+    #                          the 3+3 models it was found on, 0.78 on 3+3 fresh ones
+    threshold: float = 1.5  # "backdoored" when score > this. gap-size: 6 clean models scored 1.15-1.32,
+    #                         6 backdoored 1.22 (sig) and 1.52-1.96 (docs/defenses.md); "gap": the reference
+    #                         has none (it reports AUROC), 0.5 is ours. Calibrate on clean models of your setting
     task_cpus: float = 0.5  # CPUs per Ray task (fractional: several classes in parallel on a small box)
     classes_per_task: int = 1  # candidate classes per Ray task (chunk on big K to amortise model loading)
 
