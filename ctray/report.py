@@ -365,8 +365,9 @@ def _section_summary(page: _Page, d: _RunData) -> None:
         weak = [c for c in dec.get("classes", []) if c.get("weak")]
         if weak:
             rows.append(("weak evidence", "<b>" + _e(", ".join(f"class {c.get('class')} (LR {_fmt(c.get('lr'))})" for c in weak))
-                         + f"</b>: likelihood ratio under {_fmt(dec.get('weak_lr'))}; benign classes with a distinctive "
-                         "sub-cluster reach 1.5-3, detected attacks were above 150. Inspect before dropping."))
+                         + f"</b>: likelihood ratio under {_fmt(dec.get('weak_lr'))} (decide.weak_lr). On Fashion-MNIST a benign "
+                         "class with a distinctive sub-cluster reached 1.5-3 and detected attacks 150 and more: "
+                         "inspect its flagged samples before dropping them."))
     groups = d.truth_groups()
     if groups is not None:
         npois = int(groups["poison"].sum())

@@ -94,7 +94,7 @@ def test_full_report(tmp_path) -> None:
     assert "image not available" not in page
     assert re.search(r'alt="train-000000\.tar / odd&lt;key&gt;&amp;1" src="data:image/png;base64,', page)
     assert "&gt; 1.5" in page and "&gt; 2" in page
-    assert "<b>class 0 (LR 3.25)</b>: likelihood ratio under 10" in page  # decisions.json's "weak" class
+    assert "<b>class 0 (LR 3.25)</b>: likelihood ratio under 10 (decide.weak_lr)" in page  # decisions.json's "weak" class
     assert "bad&lt;1&gt;" in page and "broken &lt;data&gt;" in page
     assert "0.909" in page  # metrics table
     assert "http://" not in page and "https://" not in page and "<script" not in page

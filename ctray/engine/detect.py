@@ -450,8 +450,8 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
              int(flagged[:n].sum()), n)
     for c in np.flatnonzero(weak):
         log.warning("class %d cleansed on weak evidence: likelihood ratio %.3g < decide.weak_lr %g (benign classes "
-                    "with a distinctive sub-cluster reach 1.5-3; detected attacks were above 150): inspect its "
-                    "flagged samples in report.html before dropping them", c, lr[c], cfg.decide.weak_lr)
+                    "with a distinctive sub-cluster reached 1.5-3 on Fashion-MNIST, detected attacks 150 and more): "
+                    "inspect its flagged samples in report.html before dropping them", c, lr[c], cfg.decide.weak_lr)
     canary_info = None
     if cplan is not None:
         canary_info = {"count": n_can, "target": cplan.target, "rate": cfg.canary.rate,
