@@ -364,10 +364,11 @@ def _section_summary(page: _Page, d: _RunData) -> None:
         rows.append(("cleansed classes", _e(", ".join(str(c) for c in cleansed)) if cleansed else "none"))
         weak = [c for c in dec.get("classes", []) if c.get("weak")]
         if weak:
+            from ctray.core.decide import WEAK_EVIDENCE_NOTE
+
             rows.append(("weak evidence", "<b>" + _e(", ".join(f"class {c.get('class')} (LR {_fmt(c.get('lr'))})" for c in weak))
-                         + f"</b>: likelihood ratio under {_fmt(dec.get('weak_lr'))} (decide.weak_lr). On Fashion-MNIST a benign "
-                         "class with a distinctive sub-cluster reached 1.5-3 and detected attacks 150 and more: "
-                         "inspect its flagged samples before dropping them."))
+                         + f"</b>: likelihood ratio under {_fmt(dec.get('weak_lr'))} (decide.weak_lr); "
+                         + _e(WEAK_EVIDENCE_NOTE) + "."))
     groups = d.truth_groups()
     if groups is not None:
         npois = int(groups["poison"].sum())

@@ -24,7 +24,8 @@ from ctray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Decision", "decide", "flag_samples", "likelihood_ratio_test", "likelihood_ratios", "weak_classes"]
+__all__ = ["Decision", "decide", "flag_samples", "likelihood_ratio_test", "likelihood_ratios", "weak_classes",
+           "WEAK_EVIDENCE_NOTE"]
 
 #: Added to EVERY entry of each fitted 2x2 covariance (the reference's "avoid singularity" term).
 COV_JITTER = 0.001
@@ -135,6 +136,11 @@ def _check_threshold(name: str, value: float) -> float:
     if not np.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+#: What a weak-evidence class means, for the log warning and the report (one text for both).
+WEAK_EVIDENCE_NOTE = ("on Fashion-MNIST a benign class with a distinctive sub-cluster reached 1.5-3 and detected "
+                      "attacks 150 and more: inspect its flagged samples before dropping them")
 
 
 def weak_classes(lr: np.ndarray, cleansed: np.ndarray, weak_lr: float) -> np.ndarray:

@@ -193,7 +193,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ctray.core.decide import decide, flag_samples, likelihood_ratios, weak_classes
+    from ctray.core.decide import WEAK_EVIDENCE_NOTE, decide, flag_samples, likelihood_ratios, weak_classes
     from ctray.core.distill import distill, keep_count
     from ctray.core.shardstats import GroupStats
     from ctray.data.reader import TRAIN_COLUMNS, read_shards, usable
@@ -449,9 +449,8 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     log.info("decision: cleansed classes %s, flagged %d of %d", np.flatnonzero(cleansed).tolist(),
              int(flagged[:n].sum()), n)
     for c in np.flatnonzero(weak):
-        log.warning("class %d cleansed on weak evidence: likelihood ratio %.3g < decide.weak_lr %g (benign classes "
-                    "with a distinctive sub-cluster reached 1.5-3 on Fashion-MNIST, detected attacks 150 and more): "
-                    "inspect its flagged samples in report.html before dropping them", c, lr[c], cfg.decide.weak_lr)
+        log.warning("class %d cleansed on weak evidence: likelihood ratio %.3g < decide.weak_lr %g; %s (report.html)",
+                    c, lr[c], cfg.decide.weak_lr, WEAK_EVIDENCE_NOTE)
     canary_info = None
     if cplan is not None:
         canary_info = {"count": n_can, "target": cplan.target, "rate": cfg.canary.rate,
