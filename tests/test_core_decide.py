@@ -333,11 +333,30 @@ def test_decision_to_json_is_plain_and_complete():
     text = json.dumps(doc, allow_nan=False)
     back = json.loads(text)
     assert [row["class"] for row in back["classes"]] == [0, 1, 2, 3]
-    assert set(back["classes"][0]) == {"class", "n", "n_isolated", "lr", "cleansed"}
-    assert back["threshold_max"] == 1.5 and back["threshold_any"] == 2.0
+    assert set(back["classes"][0]) == {"class", "n", "n_isolated", "lr", "cleansed", "weak"}
+    assert back["threshold_max"] == 1.5 and back["threshold_any"] == 2.0 and back["weak_lr"] == 10.0
     assert back["n_flagged"] == dec.n_flagged == int(dec.flagged.sum())
     assert sum(r["n"] for r in back["classes"]) == x.shape[0]
     assert all(type(r["cleansed"]) is bool and type(r["lr"]) is float for r in doc["classes"])
+
+
+def test_decision_from_outcome_counts_the_given_samples_and_marks_weak_classes():
+    # the engine passes its real samples only (canaries cut off): counts must describe exactly those
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    preds = np.array([0, 0, 1, 1, 0, 2, 2, 0, 2])
+    lr = np.array([2.63, 1.0, 153.0])
+    cleansed = decide(lr)
+    flagged = flag_samples(labels, preds, cleansed)
+    dec = Decision.from_outcome(lr, cleansed, flagged, labels, preds, 1.5, 2.0, weak_lr=10.0)
+    assert dec.n.tolist() == [3, 2, 4] and dec.n_isolated.tolist() == [2, 1, 3]
+    assert dec.cleansed.tolist() == [True, False, True] and dec.weak.tolist() == [True, False, False]
+    assert dec.n_flagged == 5
+    doc = dec.to_json()
+    assert [r["weak"] for r in doc["classes"]] == [True, False, False] and doc["n_flagged"] == 5
+    with pytest.raises(DataError, match="flagged must have the same length"):
+        Decision.from_outcome(lr, cleansed, flagged[:-1], labels, preds, 1.5, 2.0)
+    with pytest.raises(ConfigError, match="weak_lr"):
+        Decision.from_outcome(lr, cleansed, flagged, labels, preds, 1.5, 2.0, weak_lr=float("nan"))
 
 
 def test_weak_classes_marks_cleansed_classes_under_the_bar_only():

@@ -218,25 +218,65 @@ def flag_samples(labels: np.ndarray, preds: np.ndarray, cleansed: np.ndarray) ->
 
 @dataclass(frozen=True)
 class Decision:
-    """Outcome of the final likelihood-ratio test.
+    """Outcome of the final likelihood-ratio test: the one shape ``decisions.json`` is written from.
 
     Attributes:
         lr: float64 (C,) likelihood ratio per class (finite, > 0; 1 = no evidence).
         cleansed: bool (C,) classes whose isolated samples are flagged.
+        weak: bool (C,) cleansed classes with ``lr < weak_lr`` (see :func:`weak_classes`).
         flagged: bool (N,) per-sample poison flags (True = suspected poison).
         n: int64 (C,) class sizes |S_c| (by given label).
         n_isolated: int64 (C,) |I_c| = samples of class c predicted as c by the confused model.
         threshold_max: the max-class threshold used.
         threshold_any: the any-class threshold used.
+        weak_lr: the weak-evidence bar used (0 marks nothing).
     """
 
     lr: np.ndarray
     cleansed: np.ndarray
+    weak: np.ndarray
     flagged: np.ndarray
     n: np.ndarray
     n_isolated: np.ndarray
     threshold_max: float
     threshold_any: float
+    weak_lr: float
+
+    @classmethod
+    def from_outcome(cls, lr: np.ndarray, cleansed: np.ndarray, flagged: np.ndarray, labels: np.ndarray,
+                     preds: np.ndarray, threshold_max: float, threshold_any: float,
+                     weak_lr: float = 10.0) -> Decision:
+        """Assemble a decision from its parts, counting class sizes over the given samples.
+
+        The engine calls this with its real samples only (canaries excluded), so ``n`` and
+        ``n_isolated`` describe the user's data; ``lr`` / ``cleansed`` come from the test over all
+        samples (or a flag-budget variant that cleanses no class).
+
+        Args:
+            lr: float (C,) likelihood ratios (> 0).
+            cleansed: bool (C,).
+            flagged: bool (N,) per-sample flags for the samples in ``labels``.
+            labels: int (N,) given labels in ``[0, C)``.
+            preds: int (N,) confused-model argmax.
+            threshold_max, threshold_any: the bars used (recorded, not re-applied).
+            weak_lr: the weak-evidence bar (>= 0).
+
+        Raises:
+            DataError: shapes disagree or labels out of range.
+        """
+        lr_a = np.asarray(lr, dtype=np.float64)
+        cl = np.asarray(cleansed, dtype=bool)
+        c = lr_a.size
+        lab = check_labels(labels, c)
+        pr = _check_preds(preds, lab.size)
+        fl = np.asarray(flagged, dtype=bool)
+        _check_same_len("flagged", fl, lab.size)
+        return cls(lr=lr_a, cleansed=cl, weak=weak_classes(lr_a, cl, weak_lr), flagged=fl,
+                   n=np.bincount(lab, minlength=c).astype(np.int64),
+                   n_isolated=np.bincount(lab[pr == lab], minlength=c).astype(np.int64),
+                   threshold_max=_check_threshold("threshold_max", threshold_max),
+                   threshold_any=_check_threshold("threshold_any", threshold_any),
+                   weak_lr=_check_threshold("weak_lr", weak_lr))
 
     @property
     def n_flagged(self) -> int:
@@ -247,15 +287,17 @@ class Decision:
         """JSON-ready dict for ``decisions.json`` (plain Python ints/floats/bools, no NaN)."""
         classes = [
             {"class": c, "n": int(self.n[c]), "n_isolated": int(self.n_isolated[c]),
-             "lr": float(self.lr[c]), "cleansed": bool(self.cleansed[c])}
+             "lr": float(self.lr[c]), "cleansed": bool(self.cleansed[c]), "weak": bool(self.weak[c])}
             for c in range(self.lr.size)
         ]
         return {"classes": classes, "threshold_max": float(self.threshold_max),
-                "threshold_any": float(self.threshold_any), "n_flagged": self.n_flagged}
+                "threshold_any": float(self.threshold_any), "weak_lr": float(self.weak_lr),
+                "n_flagged": self.n_flagged}
 
 
 def likelihood_ratio_test(proj: np.ndarray, labels: np.ndarray, preds: np.ndarray, num_classes: int,
-                          threshold_max: float = 1.5, threshold_any: float = 2.0) -> Decision:
+                          threshold_max: float = 1.5, threshold_any: float = 2.0,
+                          weak_lr: float = 10.0) -> Decision:
     """The whole §1.6 decision in one call: :func:`likelihood_ratios` -> :func:`decide` -> :func:`flag_samples`.
 
     Args:
@@ -265,18 +307,12 @@ def likelihood_ratio_test(proj: np.ndarray, labels: np.ndarray, preds: np.ndarra
         num_classes: C >= 1.
         threshold_max: max-class bar (1.5).
         threshold_any: any-class bar (2.0).
+        weak_lr: weak-evidence bar (10; report-side only, see :func:`weak_classes`).
 
     Returns:
         A :class:`Decision`.
     """
-    t_max = _check_threshold("threshold_max", threshold_max)
-    t_any = _check_threshold("threshold_any", threshold_any)
     lr = likelihood_ratios(proj, labels, preds, num_classes)
-    lab = check_labels(labels, num_classes)
-    pr = np.asarray(preds).astype(np.int64, copy=False)
-    cleansed = decide(lr, t_max, t_any)
-    flagged = flag_samples(lab, pr, cleansed)
-    n = np.bincount(lab, minlength=num_classes).astype(np.int64)
-    n_iso = np.bincount(lab[pr == lab], minlength=num_classes).astype(np.int64)
-    return Decision(lr=lr, cleansed=cleansed, flagged=flagged, n=n, n_isolated=n_iso,
-                    threshold_max=t_max, threshold_any=t_any)
+    cleansed = decide(lr, threshold_max, threshold_any)
+    flagged = flag_samples(labels, preds, cleansed)
+    return Decision.from_outcome(lr, cleansed, flagged, labels, preds, threshold_max, threshold_any, weak_lr)

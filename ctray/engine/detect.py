@@ -193,7 +193,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ctray.core.decide import WEAK_EVIDENCE_NOTE, decide, flag_samples, likelihood_ratios, weak_classes
+    from ctray.core.decide import WEAK_EVIDENCE_NOTE, Decision, decide, flag_samples, likelihood_ratios
     from ctray.core.distill import distill, keep_count
     from ctray.core.shardstats import GroupStats
     from ctray.data.reader import TRAIN_COLUMNS, read_shards, usable
@@ -436,16 +436,11 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         lr = likelihood_ratios(P2, labels, preds, C)
         cleansed = decide(lr, cfg.decide.threshold_max, cfg.decide.threshold_any)
         flagged = flag_samples(labels, preds, cleansed)
-    weak = weak_classes(lr, cleansed, cfg.decide.weak_lr)
-    score = final_scores["prob"].astype(np.float64)
     n = n_real  # user-facing outputs: real samples only (canaries are the last n_can entries)
-    lab_r, pred_r = labels[:n], preds[:n]
-    decisions = {
-        "classes": [{"class": c, "n": int((lab_r == c).sum()), "n_isolated": int(((lab_r == c) & (pred_r == c)).sum()),
-                     "lr": float(lr[c]), "cleansed": bool(cleansed[c]), "weak": bool(weak[c])} for c in range(C)],
-        "threshold_max": cfg.decide.threshold_max, "threshold_any": cfg.decide.threshold_any,
-        "weak_lr": cfg.decide.weak_lr, "n_flagged": int(flagged[:n].sum()),
-    }
+    dec = Decision.from_outcome(lr, cleansed, flagged[:n], labels[:n], preds[:n], cfg.decide.threshold_max,
+                                cfg.decide.threshold_any, cfg.decide.weak_lr)
+    weak = dec.weak
+    score = final_scores["prob"].astype(np.float64)
     log.info("decision: cleansed classes %s, flagged %d of %d", np.flatnonzero(cleansed).tolist(),
              int(flagged[:n].sum()), n)
     for c in np.flatnonzero(weak):
@@ -463,8 +458,8 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     # ---- outputs
     from ctray.core.metrics import detection_metrics
 
-    cols: dict[str, Any] = {"shard": shards_ok, "key": keys_ok, "label": lab_r, "score": score[:n],
-                            "flagged": flagged[:n], "pred": pred_r}
+    cols: dict[str, Any] = {"shard": shards_ok, "key": keys_ok, "label": labels[:n], "score": score[:n],
+                            "flagged": flagged[:n], "pred": preds[:n]}
     for i, rl in enumerate(round_losses):
         cols[f"round_loss_{i}"] = rl[:n].astype(np.float32)
     cols["proj_x"], cols["proj_y"] = final_scores["proj_x"][:n], final_scores["proj_y"][:n]
@@ -518,7 +513,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     key_of = {int(t): (str(shards_ok[i]), str(keys_ok[i])) for t, i in zip(top_ids, pos, strict=True)
               if i < n and sids[i] == t}
     agg_info.update(write_group_tables(out, by_shard, by_source, shard_fl, source_fl, cfg.aggregate.alpha, key_of))
-    cio.write_json(cio.join(out, "decisions.json"), decisions)
+    cio.write_json(cio.join(out, "decisions.json"), dec.to_json())
     if canary_info is not None:
         cio.write_json(cio.join(out, "canary.json"), canary_info)
     cio.write_json(cio.join(out, "rounds.json"), [
