@@ -353,7 +353,8 @@ def _run_repair(args: argparse.Namespace) -> int:
     i = res.info
     print(json.dumps({"ckpt": res.ckpt, "n_fit": res.n_fit, "n_held": res.n_held, "steps_done": i.get("steps_done"),
                       "stopped_early": i.get("stopped_early"), "held_acc_before": i.get("held_acc_before"),
-                      "held_acc_after": i.get("held_acc_after"), "seconds": round(res.seconds, 1)}))
+                      "held_acc_after": i.get("held_acc_after"), "seconds": round(res.seconds, 1),
+                      **({"unlearn": i["unlearn"]} if "unlearn" in i else {})}))
     return 0
 
 

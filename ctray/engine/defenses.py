@@ -134,7 +134,8 @@ class FinetuneResult:
         return asdict(self)
 
 
-def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], out: str) -> FinetuneResult:
+def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], out: str,
+              unlearn: dict[str, Any] | None = None) -> FinetuneResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -156,7 +157,9 @@ def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], 
     cfg_d["scale"]["torch_threads"] = threads
     prov = {"made_by": f"ctray {'repair' if method == 'repair' else 'cleanse-model'}", "from_model": model_path,
             "data": paths, "config": cfg_d[method], "seed": cfg.seed}
-    job = {"cfg": cfg_d, "method": method, "model_in": model_path, "model_out": out, "extra": prov}
+    if unlearn is not None:
+        prov["unlearn"] = {k: v for k, v in unlearn.items() if k != "delta"}
+    job = {"cfg": cfg_d, "method": method, "model_in": model_path, "model_out": out, "extra": prov, "unlearn": unlearn}
     base = os.path.dirname(os.path.abspath(out)) if not cio.is_remote(out) else out.rsplit("/", 1)[0]
     t = time.monotonic()
     # The two ignores: ray.train.torch rebinds TorchTrainer to the Train V2 class at import (V2 is on by
@@ -179,17 +182,44 @@ def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], 
 def repair_model(cfg: Config, model_path: str, clean: Sequence[str], out: str) -> FinetuneResult:
     """Pivotal Tuning of a suspect model with a trusted labelled set (``cfg.repair``; seed-defenses.md §1.2).
 
+    With ``repair.unlearn`` > 0 (ctray's extension; 0 = the paper's PT) the model is first audited
+    (:func:`audit_model` with the paper's PT as reference; its ``audit.json`` and trigger PNGs go to
+    ``<out>.audit/``), and the trigger inverted for the audit's target class is unlearned during the
+    tuning: triggered copies of ``repair.unlearn_frac`` of each batch must keep their true labels.
+
     Args:
-        cfg: config (``repair.*``, ``data.*``, ``scale.*``, ``seed``).
+        cfg: config (``repair.*``, ``audit.*`` when unlearning, ``data.*``, ``scale.*``, ``seed``).
         model_path: ctray checkpoint of the suspect model.
         clean: trusted labelled shard specs (the paper's setting: about 1% of the training size);
             ``repair.holdout_frac`` of it (by sample id) is held out for monitoring, never trained on.
-        out: checkpoint to write (same architecture and spec; ``extra["repair"]`` holds the figures).
+        out: checkpoint to write (same architecture and spec; ``extra["repair"]`` holds the figures,
+            ``extra["unlearn"]`` the audit's target, score and verdict when unlearning).
 
     Returns:
-        A :class:`FinetuneResult` (``info``: ``held_acc_before/after``, ``steps_done``, ``stopped_early``).
+        A :class:`FinetuneResult` (``info``: ``held_acc_before/after``, ``steps_done``, ``stopped_early``,
+        ``unlearn`` when unlearning).
     """
-    return _finetune(cfg, "repair", model_path, clean, out)
+    if cfg.repair.unlearn <= 0:
+        return _finetune(cfg, "repair", model_path, clean, out)
+    import copy
+
+    if not out:
+        raise ConfigError("no output checkpoint: give --out")
+    faithful = copy.deepcopy(cfg)
+    faithful.repair.unlearn = 0.0  # the audit's reference is the paper's PT
+    audit_dir = _abs(out) + ".audit"
+    a = audit_model(faithful, model_path, clean, out_dir=audit_dir)
+    assert a.trigger is not None  # audit_model always sets the target's trigger
+    unlearn = {"class": a.target, "audit_score": a.score, "audit_backdoored": a.backdoored,
+               "trigger_l1": float(np.abs(a.trigger).mean()), "audit_dir": audit_dir, "delta": a.trigger.tolist()}
+    log.info("repair: unlearning the trigger the audit inverted for class %d (score %.3f, backdoored=%s; %s)",
+             a.target, a.score, a.backdoored, audit_dir)
+    if not a.backdoored:
+        log.warning("repair: the audit does not call %s backdoored (score %.3f <= %g); unlearning its top class %d "
+                    "anyway", model_path, a.score, a.threshold, a.target)
+    res = _finetune(cfg, "repair", model_path, clean, out, unlearn)
+    res.info["unlearn"] = {k: v for k, v in unlearn.items() if k != "delta"}
+    return res
 
 
 def cleanse_model(cfg: Config, model_path: str, unlabeled: Sequence[str], out: str) -> FinetuneResult:
@@ -237,6 +267,7 @@ class AuditResult:
     gap: float = float("nan")
     score_mode: str = "gap-size"
     out_dir: str | None = None
+    trigger: np.ndarray | None = field(default=None, repr=False)  # float32 (C, H, W): the target's delta
 
     @property
     def reference_score(self) -> float:
@@ -244,6 +275,7 @@ class AuditResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("trigger")
         d["reference_score"] = self.reference_score
         return d
 
@@ -356,7 +388,8 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
     per_class = [{**{k2: v for k2, v in r.items() if k2 != "delta"}, "score": float(sc)} for r, sc in zip(results, per, strict=True)]
     res = AuditResult(score=score, target=target, backdoored=score > cfg.audit.threshold, threshold=cfg.audit.threshold,
                       per_class=per_class, ref_ckpt=ref, n_opt=int((~ev).sum()), n_eval=int(ev.sum()),
-                      seconds=time.monotonic() - t0, gap=gap, score_mode=cfg.audit.score, out_dir=out_dir)
+                      seconds=time.monotonic() - t0, gap=gap, score_mode=cfg.audit.score, out_dir=out_dir,
+                      trigger=np.asarray(results[best]["delta"], dtype=np.float32))
     if out_dir:
         _write_audit(out_dir, res, results, arrays, spec)
     log.info("audit %s: %s score %.4f (max gap %.4f, target %d, backdoored=%s) in %.1fs", model_path,

@@ -28,9 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from ctray.core.actstats import hash_split
+from ctray.defenses.audit import apply_trigger
 from ctray.defenses.cleanse import distill_loss, student_init, temperature
 from ctray.defenses.repair import pivot_params, pt_loss
 from ctray.models.checkpoint import ModelSpec, load_model, save_model
@@ -123,7 +125,9 @@ def finetune_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         return to_input(imgs.to(device), mean, std), fit.labels[idx].to(device)
 
     if method == "repair":
-        out_model, info = _repair(model, sec, prep, batch, held, mean, std, device, rank, world)
+        unl = job.get("unlearn")
+        delta = torch.tensor(np.asarray(unl["delta"], dtype=np.float32), device=device) if unl else None
+        out_model, info = _repair(model, sec, prep, batch, held, mean, std, device, rank, world, delta)
     else:
         out_model, info = _cleanse(model, spec, sec, prep, batch, held, mean, std, device, rank, n_fit, seed)
     info.update({"method": method, "world": world, "n_fit": n_fit, "n_held": n_held,
@@ -135,8 +139,14 @@ def finetune_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: LocalSet, mean: float, std: float,
-            device: torch.device, rank: int, world: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Pivotal Tuning (seed-defenses.md §1.2) of ``model`` in place; returns its state and the figures."""
+            device: torch.device, rank: int, world: int, delta: torch.Tensor | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Pivotal Tuning (seed-defenses.md §1.2) of ``model`` in place; returns its state and the figures.
+
+    ``delta``: float (C, H, W) additive trigger in [0, 1] pixel units to unlearn (``repair.unlearn`` > 0):
+    the first ``unlearn_frac`` of each batch is also fed with it, with the true labels, in the same
+    forward pass (one DDP forward per step), and ``unlearn * CE`` on those copies joins the PT loss.
+    """
     pivot = copy.deepcopy(model).eval()
     for p in pivot.parameters():
         p.requires_grad_(False)
@@ -150,6 +160,9 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
                            f"worker count ({world})")
     acc_before = _global_share(*_held_counts(pivot, held, mean, std, device))
     steps, every, min_cda = int(sec["steps"]), int(sec["eval_every"]), float(sec["min_cda"])
+    unlearn, unlearn_frac = float(sec.get("unlearn", 0.0)), float(sec.get("unlearn_frac", 0.5))
+    if delta is not None and unlearn <= 0:
+        delta = None  # a trigger without a weight: the paper's PT
     stopped, done, acc = False, 0, acc_before
     prog = Progress(log, f"[w{rank}] pivotal tuning", steps, "steps")
     parts: dict[str, float] = {}
@@ -166,7 +179,13 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
             z0 = pivot.features(x)  # type: ignore[operator]
             logits0 = pivot.head(z0)  # type: ignore[operator]
         model.train()
-        logits, z = net(x)
+        if delta is None:
+            logits, z = net(x)
+        else:
+            k = max(1, round(len(x) * unlearn_frac))
+            xt = apply_trigger(x[:k] * std + mean, delta, mean, std)  # back to [0, 1], trigger, normalise
+            logits_all, z_all = net(torch.cat([x, xt]))
+            logits, z, logits_t = logits_all[:len(x)], z_all[:len(x)], logits_all[len(x):]
         yc = y if sec["use_labels"] else logits0.argmax(1)  # label-free: centroids of the pivot's classes
         zs, z0s, ys = z, z0, yc
         if gather:
@@ -179,6 +198,10 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
             ys = torch.cat(ys_list)
         loss, parts = pt_loss(logits, zs, logits0, z0s, y, model, theta0, float(sec["lam_slol"]),
                               float(sec["lam_param"]), bool(sec["use_labels"]), bool(sec["slol_offdiag"]), y_feat=ys)
+        if delta is not None:
+            unl = F.cross_entropy(logits_t, y[:k])
+            loss = loss + unlearn * unl
+            parts["unlearn"] = float(unl.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
