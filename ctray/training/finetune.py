@@ -144,8 +144,9 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
     """Pivotal Tuning (seed-defenses.md §1.2) of ``model`` in place; returns its state and the figures.
 
     ``delta``: float (C, H, W) additive trigger in [0, 1] pixel units to unlearn (``repair.unlearn`` > 0):
-    the first ``unlearn_frac`` of each batch is also fed with it, with the true labels, in the same
-    forward pass (one DDP forward per step), and ``unlearn * CE`` on those copies joins the PT loss.
+    the first ``unlearn_frac`` of each batch is also fed with it, with the true labels (the pivot's when
+    ``use_labels`` is false), in the same forward pass (one DDP forward per step), and ``unlearn * CE``
+    on those copies joins the PT loss.
     """
     pivot = copy.deepcopy(model).eval()
     for p in pivot.parameters():
@@ -199,7 +200,7 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
         loss, parts = pt_loss(logits, zs, logits0, z0s, y, model, theta0, float(sec["lam_slol"]),
                               float(sec["lam_param"]), bool(sec["use_labels"]), bool(sec["slol_offdiag"]), y_feat=ys)
         if delta is not None:
-            unl = F.cross_entropy(logits_t, y[:k])
+            unl = F.cross_entropy(logits_t, yc[:k])  # label-free repair: the pivot's labels of the clean copies
             loss = loss + unlearn * unl
             parts["unlearn"] = float(unl.detach())
         opt.zero_grad(set_to_none=True)
