@@ -135,7 +135,7 @@ class FinetuneResult:
 
 
 def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], out: str,
-              unlearn: dict[str, Any] | None = None) -> FinetuneResult:
+              unlearn: dict[str, Any] | None = None, delta: np.ndarray | None = None) -> FinetuneResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -158,8 +158,9 @@ def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], 
     prov = {"made_by": f"ctray {'repair' if method == 'repair' else 'cleanse-model'}", "from_model": model_path,
             "data": paths, "config": cfg_d[method], "seed": cfg.seed}
     if unlearn is not None:
-        prov["unlearn"] = {k: v for k, v in unlearn.items() if k != "delta"}
-    job = {"cfg": cfg_d, "method": method, "model_in": model_path, "model_out": out, "extra": prov, "unlearn": unlearn}
+        prov["unlearn"] = unlearn
+    job = {"cfg": cfg_d, "method": method, "model_in": model_path, "model_out": out, "extra": prov,
+           "unlearn": None if delta is None else {"delta": delta.tolist()}}
     base = os.path.dirname(os.path.abspath(out)) if not cio.is_remote(out) else out.rsplit("/", 1)[0]
     t = time.monotonic()
     # The two ignores: ray.train.torch rebinds TorchTrainer to the Train V2 class at import (V2 is on by
@@ -211,14 +212,14 @@ def repair_model(cfg: Config, model_path: str, clean: Sequence[str], out: str) -
     a = audit_model(faithful, model_path, clean, out_dir=audit_dir)
     assert a.trigger is not None  # audit_model always sets the target's trigger
     unlearn = {"class": a.target, "audit_score": a.score, "audit_backdoored": a.backdoored,
-               "trigger_l1": float(np.abs(a.trigger).mean()), "audit_dir": audit_dir, "delta": a.trigger.tolist()}
+               "trigger_l1": float(np.abs(a.trigger).mean()), "audit_dir": audit_dir}
     log.info("repair: unlearning the trigger the audit inverted for class %d (score %.3f, backdoored=%s; %s)",
              a.target, a.score, a.backdoored, audit_dir)
     if not a.backdoored:
         log.warning("repair: the audit does not call %s backdoored (score %.3f <= %g); unlearning its top class %d "
                     "anyway", model_path, a.score, a.threshold, a.target)
-    res = _finetune(cfg, "repair", model_path, clean, out, unlearn)
-    res.info["unlearn"] = {k: v for k, v in unlearn.items() if k != "delta"}
+    res = _finetune(cfg, "repair", model_path, clean, out, unlearn, a.trigger)
+    res.info["unlearn"] = unlearn
     return res
 
 
