@@ -376,7 +376,8 @@ def _run_cleanse(args: argparse.Namespace) -> int:
     print(json.dumps({"ckpt": res.ckpt, "n_fit": res.n_fit, "n_held": res.n_held,
                       "epochs": len(res.info.get("history") or []), "selected_epoch": res.info.get("selected_epoch"),
                       "held_agree_last": hist[-1].get("held_agree"), "reinit_mean": res.info.get("reinit_mean"),
-                      "seconds": round(res.seconds, 1)}))
+                      "seconds": round(res.seconds, 1),
+                      **({"unlearn": res.info["unlearn"]} if "unlearn" in res.info else {})}))
     return 0
 
 

@@ -260,6 +260,8 @@ class AuditConfig:
     threshold: float = 1.5  # "backdoored" when score > this. gap-size: 6 clean models scored 1.15-1.32,
     #                         6 backdoored 1.22 (sig) and 1.52-1.96 (docs/defenses.md); "gap": the reference
     #                         has none (it reports AUROC), 0.5 is ours. Calibrate on clean models of your setting
+    use_labels: bool = True  # False (ctray's, for cleanse.unlearn): the suspect model's own predictions stand
+    #                          in for the labels and the reference is the label-free PT (repair.use_labels=false)
     task_cpus: float = 0.5  # CPUs per Ray task (fractional: several classes in parallel on a small box)
     classes_per_task: int = 1  # candidate classes per Ray task (chunk on big K to amortise model loading)
 
@@ -285,6 +287,14 @@ class CleanseConfig:
     select: str = "last"  # "last": the reference saves the last epoch; "agree": the epoch agreeing most with
     #                      the teacher on the held-out unlabeled split (never the test set)
     holdout_frac: float = 0.1  # unlabeled share held out (by sample id) for monitoring/selection
+    # ctray's extension (not in the paper; 0 = the paper's BCU): before distilling, audit the teacher without
+    # labels (audit.use_labels=false: its own predictions, label-free PT reference) and add
+    # unlearn * KL(teacher(x) || student(x + delta)) at the epoch's temperature on triggered copies of
+    # unlearn_frac of each batch: the student must answer a triggered image as the teacher answers the clean
+    # one, so the backdoor is not distilled back. Measured (docs/defenses.md): small CNN, blend, 2,000
+    # unlabeled images, 3 seeds: ASR 0.63 -> 0.20 (mean, weight 3), accuracy +0.5 to +1.4 points.
+    unlearn: float = 0.0
+    unlearn_frac: float = 0.5  # share of each batch also fed with the trigger
 
 
 @dataclass
@@ -438,6 +448,8 @@ def _validate_defenses(cfg: Config) -> None:
         (c.select in ("last", "agree"), f"cleanse.select must be 'last' or 'agree', got {c.select!r}"),
         (0 <= c.holdout_frac < 1, f"cleanse.holdout_frac must lie in [0, 1), got {c.holdout_frac}"),
         (c.select == "last" or c.holdout_frac > 0, "cleanse.select=agree needs cleanse.holdout_frac > 0"),
+        (c.unlearn >= 0 and 0 < c.unlearn_frac <= 1,
+         f"cleanse.unlearn must be >= 0 and cleanse.unlearn_frac in (0, 1], got {c.unlearn} / {c.unlearn_frac}"),
         (act.mode in ("gauss", "quantile"), f"act.mode must be 'gauss' or 'quantile', got {act.mode!r}"),
         (act.pool in ("avg", "max", "avg+max"), f"act.pool must be avg, max or avg+max, got {act.pool!r}"),
         (0 <= act.frr < 1, f"act.frr must lie in [0, 1), got {act.frr}"),

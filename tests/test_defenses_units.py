@@ -4,6 +4,7 @@ seed-defenses.md §5 that live in these functions."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -199,11 +200,12 @@ def test_clamped_model_is_identity_with_wide_bounds_and_clamps_with_tight_ones()
     assert len(tight.bounds()) == 5 and len(tight.bounds()[4]["hi"]) == 128
 
 
-# ------------------------------------------------------------------------- repair with unlearning
+# ----------------------------------------------------------------- repair and cleanse with unlearning
 
 _UNL_MEAN, _UNL_STD = 0.3, 0.3
 
 
+@functools.cache  # trained once for both unlearning tests; each works on a deep copy
 def _backdoored_quadrant_model() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A small CNN on a synthetic 4-class task (the bright 6x6 quadrant is the class) with a planted
     backdoor: a white 3x3 corner patch on 10% of the training images, labelled 0. Returns
@@ -261,6 +263,7 @@ def test_repair_unlearning_removes_a_backdoor_plain_pt_keeps():
 
     torch.set_num_threads(1)
     model, x, y, delta = _backdoored_quadrant_model()
+    model = copy.deepcopy(model)
     assert _acc_asr(model, x, y, delta) == (1.0, 1.0)
     sec = {"lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "slol_gather": False,
            "batch_size": 64, "steps": 100, "eval_every": 50, "min_cda": 0.01, "use_labels": True,
@@ -284,3 +287,43 @@ def test_repair_unlearning_removes_a_backdoor_plain_pt_keeps():
     assert out["plain"][1] >= 0.9, out  # PT alone keeps this backdoor
     assert out["unlearn"][1] <= 0.05 and out["label-free"][1] <= 0.05, out
     assert min(a for a, _ in out.values()) >= 0.95, out
+
+
+def test_cleanse_unlearning_keeps_the_backdoor_from_being_distilled_back():
+    """BCU's unlearning term (cleanse.unlearn) with the true trigger, without Ray: the student distilled
+    from the backdoored teacher on clean unlabeled images alone learns the backdoor back; with triggered
+    copies distilled toward the teacher's answer on the clean image it does not, and its clean accuracy
+    stays. Measured with the paper's re-initialisation ratios: ASR 1.0 plain, 0.0 unlearned, accuracy 1.0."""
+    import copy
+
+    import numpy as np
+
+    from ctray.models.checkpoint import ModelSpec
+    from ctray.training.finetune import _cleanse
+    from ctray.training.loop import LocalSet, Sampler
+
+    torch.set_num_threads(1)
+    teacher, x, y, delta = _backdoored_quadrant_model()
+    spec = ModelSpec("small-cnn", 1, 4, 12, _UNL_MEAN, _UNL_STD)
+    sec = {"ratios": [0.01, 0.01, 0.03, 0.09, 0.27], "head_ratio": 0.1, "epochs": 6, "lr": 0.03, "momentum": 0.9,
+           "weight_decay": 5e-4, "t_max": 6, "batch_size": 64, "t_start": 1.0, "t_add": 3.0, "select": "last",
+           "unlearn_frac": 0.5}
+    pool = LocalSet(x[:256], torch.full((256,), -1), np.arange(256))  # labels never used
+    held = LocalSet(x[256:320], y[256:320], np.arange(256, 320))
+    out = {}
+    for name, w in (("plain", 0.0), ("unlearn", 1.0)):
+        sampler = Sampler(len(pool), 64, 0)
+
+        def batch(s: Sampler = sampler) -> tuple[torch.Tensor, torch.Tensor]:
+            idx = s.next()
+            return to_input(pool.images[idx], _UNL_MEAN, _UNL_STD), pool.labels[idx]
+
+        state, info = _cleanse(copy.deepcopy(teacher), spec, {**sec, "unlearn": w}, lambda mm: mm, batch, held,
+                               _UNL_MEAN, _UNL_STD, torch.device("cpu"), 0, len(pool), 0, delta)
+        assert ("unlearn_loss_mean" in info) == (w > 0)
+        student = spec.build()
+        student.load_state_dict(state)
+        out[name] = _acc_asr(student, x, y, delta)
+    assert out["plain"][1] >= 0.5, out  # distillation on clean images teaches the backdoor back
+    assert out["unlearn"][1] <= 0.1, out
+    assert out["unlearn"][0] >= 0.95, out

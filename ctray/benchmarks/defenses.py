@@ -129,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
             rep = os.path.join(args.out, "models", f"{attack}-repaired.pt")
             step(f"{attack}/repair", lambda ckpt=ckpt, data=data, rep=rep: {
                 "info": {k: v for k, v in repair_model(cfg_for(), ckpt, clean_spec, rep).info.items()
-                         if k in ("held_acc_before", "held_acc_after", "steps_done", "n_fit", "n_held")},
+                         if k in ("held_acc_before", "held_acc_after", "steps_done", "n_fit", "n_held", "unlearn")},
                 **ev(rep, data)})
         if "cleanse" in steps:
             bcu = os.path.join(args.out, "models", f"{attack}-cleansed.pt")
             step(f"{attack}/cleanse", lambda ckpt=ckpt, data=data, bcu=bcu: {
                 "info": {k: v for k, v in cleanse_model(cfg_for(), ckpt, [args.unlabeled], bcu).info.items()
-                         if k in ("selected_epoch", "n_fit", "n_held", "reinit_mean")},
+                         if k in ("selected_epoch", "n_fit", "n_held", "reinit_mean", "unlearn")},
                 **ev(bcu, data)})
         if "act" in steps:
             def _act(ckpt: str = ckpt, data: str = data) -> dict[str, Any]:

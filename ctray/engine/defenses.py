@@ -107,6 +107,23 @@ def _to_driver(ds: Any, what: str) -> dict[str, np.ndarray]:
             "key": out["key"][order].astype(str)}
 
 
+def _predict_labels(model_path: str, images: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """The model's predicted classes ``int64 (N,)`` of driver-held ``uint8 (N, H, W, C)`` images (eval mode)."""
+    import torch
+
+    from ctray.models.checkpoint import load_model
+    from ctray.training.steps import to_input
+
+    model, spec, _ = load_model(model_path)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = to_input(torch.from_numpy(np.array(images[i:i + batch], copy=True)), spec.mean, spec.std)
+            out.append(model(x).argmax(1).numpy())
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
 def _sha256_files(paths: Sequence[str]) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -202,25 +219,42 @@ def repair_model(cfg: Config, model_path: str, clean: Sequence[str], out: str) -
     """
     if cfg.repair.unlearn <= 0:
         return _finetune(cfg, "repair", model_path, clean, out)
+    unlearn, trigger = _audit_for_unlearning(cfg, "repair", model_path, clean, out)
+    res = _finetune(cfg, "repair", model_path, clean, out, unlearn, trigger)
+    res.info["unlearn"] = unlearn
+    return res
+
+
+def _audit_for_unlearning(cfg: Config, method: str, model_path: str, shards: Sequence[str], out: str
+                          ) -> tuple[dict[str, Any], np.ndarray]:
+    """Audit ``model_path`` before ``method`` unlearns its trigger: ``(provenance, delta (C, H, W))``.
+
+    The audit runs with the paper's defaults for the method (``repair.unlearn`` / ``cleanse.unlearn`` = 0
+    in its reference); for cleanse it is label-free (``audit.use_labels=false``). Its ``audit.json`` and
+    trigger PNGs go to ``<out>.audit/``. A model the audit calls clean is still unlearned on its top class,
+    with a warning (the audit's threshold is calibrated on one dataset only).
+    """
     import copy
 
     if not out:
-        raise ConfigError("no output checkpoint: give --out")
+        raise ConfigError("no output checkpoint: give --out")  # before minutes of audit, not after
     faithful = copy.deepcopy(cfg)
     faithful.repair.unlearn = 0.0  # the audit's reference is the paper's PT
+    faithful.cleanse.unlearn = 0.0
+    if method == "cleanse":
+        faithful.audit.use_labels = False  # the unlabeled shards' labels are never used
     audit_dir = _abs(out) + ".audit"
-    a = audit_model(faithful, model_path, clean, out_dir=audit_dir)
+    a = audit_model(faithful, model_path, shards, out_dir=audit_dir)
     assert a.trigger is not None  # audit_model always sets the target's trigger
     unlearn = {"class": a.target, "audit_score": a.score, "audit_backdoored": a.backdoored,
+               "audit_labels": "true" if faithful.audit.use_labels else "model",
                "trigger_l1": float(np.abs(a.trigger).mean()), "audit_dir": audit_dir}
-    log.info("repair: unlearning the trigger the audit inverted for class %d (score %.3f, backdoored=%s; %s)",
-             a.target, a.score, a.backdoored, audit_dir)
+    log.info("%s: unlearning the trigger the audit inverted for class %d (score %.3f, backdoored=%s; %s)",
+             method, a.target, a.score, a.backdoored, audit_dir)
     if not a.backdoored:
-        log.warning("repair: the audit does not call %s backdoored (score %.3f <= %g); unlearning its top class %d "
-                    "anyway", model_path, a.score, a.threshold, a.target)
-    res = _finetune(cfg, "repair", model_path, clean, out, unlearn, a.trigger)
-    res.info["unlearn"] = unlearn
-    return res
+        log.warning("%s: the audit does not call %s backdoored (score %.3f <= %g); unlearning its top class %d "
+                    "anyway", method, model_path, a.score, a.threshold, a.target)
+    return unlearn, a.trigger
 
 
 def cleanse_model(cfg: Config, model_path: str, unlabeled: Sequence[str], out: str) -> FinetuneResult:
@@ -233,10 +267,21 @@ def cleanse_model(cfg: Config, model_path: str, unlabeled: Sequence[str], out: s
             out to monitor the student's agreement with the teacher (``cleanse.select=agree`` keeps the
             best epoch by it; the default keeps the last epoch, as the reference).
 
+    With ``cleanse.unlearn`` > 0 (ctray's extension; 0 = the paper's BCU) the teacher is first audited
+    without labels (its own predictions, a label-free PT reference; ``<out>.audit/``) and triggered
+    copies of ``cleanse.unlearn_frac`` of each batch are distilled toward the teacher's output on the
+    clean image, so the student does not learn the trigger back from the teacher.
+
     Returns:
-        A :class:`FinetuneResult` (``info``: per-epoch ``history``, ``selected_epoch``, ``reinit_share``).
+        A :class:`FinetuneResult` (``info``: per-epoch ``history``, ``selected_epoch``, ``reinit_share``;
+        ``unlearn`` when unlearning).
     """
-    return _finetune(cfg, "cleanse", model_path, unlabeled, out)
+    if cfg.cleanse.unlearn <= 0:
+        return _finetune(cfg, "cleanse", model_path, unlabeled, out)
+    unlearn, trigger = _audit_for_unlearning(cfg, "cleanse", model_path, unlabeled, out)
+    res = _finetune(cfg, "cleanse", model_path, unlabeled, out, unlearn, trigger)
+    res.info["unlearn"] = unlearn
+    return res
 
 
 # ------------------------------------------------------------------------------------------ audit
@@ -321,7 +366,9 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
         cfg: config (``audit.*``; ``repair.*`` for the reference model; ``data.*``, ``scale.*``, ``seed``).
         model_path: ctray checkpoint of the suspect model.
         clean: trusted labelled shard specs. ``audit.eval_frac`` of them (by sample id) measure the gaps;
-            the rest drive the inversion. The reference model is a repair with the whole set.
+            the rest drive the inversion. The reference model is a repair with the whole set. With
+            ``audit.use_labels=false`` they may be unlabeled: the model's predictions replace their labels
+            and the reference is the label-free PT.
         out_dir: where ``audit.json`` and the inverted triggers (``trigger-c<k>.png``, ``trigger.png`` =
             the target's, ``triggered.png`` = an example image with it) go; None writes nothing.
         ref: an existing pivotal-tuned reference checkpoint (skips the repair).
@@ -331,6 +378,8 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
     Returns:
         An :class:`AuditResult`.
     """
+    import copy
+
     import ray
 
     from ctray.core.actstats import hash_split
@@ -342,7 +391,12 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
     ensure_ray()
     t0 = time.monotonic()
     model_path = _abs(model_path)
-    ds, paths = _read(clean, model_path, cfg, "trusted clean")
+    what = "trusted clean" if cfg.audit.use_labels else "unlabeled"
+    ds, paths = _read(clean, model_path, cfg, what)
+    cfg = copy.deepcopy(cfg)
+    cfg.repair.unlearn = 0.0  # the reference is the paper's PT (an unlearning repair would audit again)
+    if not cfg.audit.use_labels:
+        cfg.repair.use_labels = False  # label-free reference: self-distillation to the pivot
     _, C, spec = _model_inputs(model_path)
     if ref is None:
         key = hashlib.sha256(json.dumps({
@@ -356,7 +410,9 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
         else:
             log.info("audit: pivotal tuning the reference model -> %s", ref)
             repair_model(cfg, model_path, clean, ref)
-    data = _to_driver(ds, "trusted clean")
+    data = _to_driver(ds, what)
+    if not cfg.audit.use_labels:  # the shards' labels are never used: the model's own answers stand in
+        data["labels"] = _predict_labels(model_path, data["images"])
     ev = hash_split(data["sids"], cfg.audit.eval_frac, cfg.seed * 1000 + 303)
     if ev.all() or not ev.any():
         raise DataError(f"audit needs trusted samples on both sides of the eval split; got {len(ev)} samples")

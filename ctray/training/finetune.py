@@ -124,12 +124,12 @@ def finetune_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             imgs = augment(imgs, sec["augment"], gen)
         return to_input(imgs.to(device), mean, std), fit.labels[idx].to(device)
 
+    unl = job.get("unlearn")
+    delta = torch.tensor(np.asarray(unl["delta"], dtype=np.float32), device=device) if unl else None
     if method == "repair":
-        unl = job.get("unlearn")
-        delta = torch.tensor(np.asarray(unl["delta"], dtype=np.float32), device=device) if unl else None
         out_model, info = _repair(model, sec, prep, batch, held, mean, std, device, rank, world, delta)
     else:
-        out_model, info = _cleanse(model, spec, sec, prep, batch, held, mean, std, device, rank, n_fit, seed)
+        out_model, info = _cleanse(model, spec, sec, prep, batch, held, mean, std, device, rank, n_fit, seed, delta)
     info.update({"method": method, "world": world, "n_fit": n_fit, "n_held": n_held,
                  "seconds": round(time.monotonic() - t0, 2)})
     if rank == 0:
@@ -217,10 +217,15 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
 
 
 def _cleanse(teacher: nn.Module, spec: ModelSpec, sec: dict[str, Any], prep: Any, batch: Any, held: LocalSet,
-             mean: float, std: float, device: torch.device, rank: int, n_fit: int, seed: int
-             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+             mean: float, std: float, device: torch.device, rank: int, n_fit: int, seed: int,
+             delta: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """BCU (seed-defenses.md §3.2): build the student from ``teacher`` and distil; returns the selected
-    student's state and the figures."""
+    student's state and the figures.
+
+    ``delta``: float (C, H, W) additive trigger in [0, 1] pixel units to unlearn (``cleanse.unlearn`` > 0):
+    the first ``unlearn_frac`` of each batch is also fed with it, in the same forward pass, and
+    ``unlearn * KL(teacher(x) || student(x + delta))`` at the epoch's temperature is added: a triggered image
+    must get the teacher's answer for the clean one."""
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -235,7 +240,11 @@ def _cleanse(teacher: nn.Module, spec: ModelSpec, sec: dict[str, Any], prep: Any
     steps_per_epoch = math.ceil(n_fit / int(sec["batch_size"]))
     history: list[dict[str, float | None]] = []
     best_state, best_agree, best_epoch = None, -1.0, epochs - 1
+    unlearn, unlearn_frac = float(sec.get("unlearn", 0.0)), float(sec.get("unlearn_frac", 0.5))
+    if delta is not None and unlearn <= 0:
+        delta = None  # a trigger without a weight: the paper's BCU
     prog = Progress(log, f"[w{rank}] BCU distillation", epochs * steps_per_epoch, "steps")
+    unl_sum = 0.0
     for e in range(epochs):
         t = temperature(e, epochs, float(sec["t_start"]), float(sec["t_add"]))
         loss_sum = 0.0
@@ -244,7 +253,15 @@ def _cleanse(teacher: nn.Module, spec: ModelSpec, sec: dict[str, Any], prep: Any
             with torch.no_grad():
                 t_logits = teacher(x)
             student.train()
-            loss = distill_loss(net(x), t_logits, t)
+            if delta is None:
+                loss = distill_loss(net(x), t_logits, t)
+            else:
+                k = max(1, round(len(x) * unlearn_frac))
+                xt = apply_trigger(x[:k] * std + mean, delta, mean, std)  # back to [0, 1], trigger, normalise
+                out = net(torch.cat([x, xt]))  # one forward (one DDP all-reduce) for both
+                unl = distill_loss(out[len(x):], t_logits[:k], t)
+                loss = distill_loss(out[:len(x)], t_logits, t) + unlearn * unl
+                unl_sum += float(unl.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -263,6 +280,8 @@ def _cleanse(teacher: nn.Module, spec: ModelSpec, sec: dict[str, Any], prep: Any
     info = {"history": history, "selected_epoch": best_epoch, "select": sec["select"],
             "reinit_share": {k: round(v, 4) for k, v in realised.items()},
             "reinit_mean": float(shares.mean()) if shares.size else 0.0}
+    if delta is not None:
+        info["unlearn_loss_mean"] = unl_sum / max(1, epochs * steps_per_epoch)
     log.info("BCU: %d epochs, selected epoch %d (%s), held-out teacher agreement %s", epochs, best_epoch,
              sec["select"], history[-1]["held_agree"] if history else None)
     return state, info
