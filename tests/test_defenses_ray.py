@@ -128,6 +128,32 @@ def test_cleanse_brings_asr_down_without_labels(models, tmp_path, capsys):
     assert after["acc"] >= before["acc"] - 0.08, (before, after)
 
 
+@pytest.mark.slow  # ~3 min (label-free reference PT + 10 inversions + 2 BCU runs): over the fast suite's budget
+@pytest.mark.timeout(1800)  # with the module fixture's training when run alone on a busy box
+def test_cleanse_with_unlearning_audits_without_labels_and_keeps_the_backdoor_out(models, tmp_path, capsys):
+    """cleanse.unlearn (ctray's extension): a label-free audit of the teacher, then BCU with the target's
+    inverted trigger distilled toward the teacher's clean answers; compared with plain BCU, same seed."""
+    from ctray.models.checkpoint import read_checkpoint
+
+    d = models["data"]
+    before = _evaluate(capsys, models["bd"], d)
+    unl = f"{models['unl']}/train-*.tar"
+    res = {}
+    for name, extra in (("plain", []), ("unlearn", ["cleanse.unlearn=3"])):
+        out = tmp_path / f"{name}.pt"
+        assert main(["-q", "cleanse-model", "--model", models["bd"], "--unlabeled", unl, "--out", str(out),
+                     *COMMON, *extra]) == 0
+        info = _last_json(capsys)
+        res[name] = _evaluate(capsys, str(out), d)
+    audit = json.loads((tmp_path / "unlearn.pt.audit" / "audit.json").read_text())
+    # the audit saw no label (the teacher's own answers) and still named the planted target
+    assert audit["target"] == 0 and info["unlearn"]["class"] == 0 and info["unlearn"]["audit_labels"] == "model"
+    assert read_checkpoint(str(tmp_path / "unlearn.pt"))["extra"]["unlearn"]["audit_labels"] == "model"
+    assert "unlearn_loss_mean" in read_checkpoint(str(tmp_path / "unlearn.pt"))["extra"]["cleanse"]
+    assert res["unlearn"]["asr"] <= 0.1 and res["unlearn"]["asr"] < res["plain"]["asr"], (before, res)
+    assert res["unlearn"]["acc"] >= before["acc"] - 0.08, (before, res)
+
+
 @pytest.mark.slow  # ~80 s (a clean model's reference repair + 20 inversions); the fast suite runs the audit below
 def test_audit_ranks_backdoored_above_clean_and_names_the_target(models, repaired, tmp_path, capsys):
     d = models["data"]
