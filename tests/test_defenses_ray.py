@@ -204,6 +204,39 @@ def test_audit_caches_the_reference_by_hash_and_is_seeded(models, tmp_path, caps
     assert _last_json(capsys)["ref_ckpt"] != ref
 
 
+def test_label_free_audit_never_reads_the_labels(models, tmp_path, capsys):
+    """audit.use_labels=false (cleanse.unlearn's audit): the model's answers replace the labels and the
+    reference is the label-free PT, monitored against the pivot. Shards whose every label is 7 must give
+    the same audit as the true ones, while the labelled audit does read them (it differs)."""
+    import glob
+    import io
+    import tarfile
+
+    d = models["data"]
+    bad = tmp_path / "scrambled"
+    bad.mkdir()
+    n_cls = 0
+    for src in sorted(glob.glob(f"{d}/clean-*.tar")):
+        with tarfile.open(src) as tin, tarfile.open(bad / os.path.basename(src), "w") as tout:
+            for m in tin.getmembers():
+                f = tin.extractfile(m)
+                data = f.read() if f is not None else b""
+                if m.name.endswith(".cls"):
+                    data, n_cls = b"7", n_cls + 1
+                m.size = len(data)
+                tout.addfile(m, io.BytesIO(data))
+    assert n_cls == 400
+    res = {}
+    for name, shards, extra in (("true", d, ["audit.use_labels=false"]), ("scrambled", bad, ["audit.use_labels=false"]),
+                                ("labelled-scrambled", bad, [])):
+        assert main(["-q", "audit", "--model", models["bd"], "--clean", f"{shards}/clean-*.tar", "--out",
+                     str(tmp_path / name), "--json", *COMMON, "audit.classes=[0]", "repair.steps=7", *extra]) == 0
+        res[name] = _last_json(capsys)["per_class"][0]
+    assert res["scrambled"]["gap"] == pytest.approx(res["true"]["gap"])
+    assert res["scrambled"]["trigger_l1"] == pytest.approx(res["true"]["trigger_l1"])
+    assert res["labelled-scrambled"]["gap"] != pytest.approx(res["true"]["gap"])
+
+
 def test_activation_score_detects_planted_poison(models, tmp_path, capsys):
     d = models["data"]
     out = tmp_path / "act.parquet"

@@ -280,9 +280,16 @@ def test_repair_unlearning_removes_a_backdoor_plain_pt_keeps():
             idx = s.next()
             return to_input(trusted.images[idx], _UNL_MEAN, _UNL_STD), trusted.labels[idx]
 
-        _, info = _repair(m, {**sec, **extra}, lambda mm: mm, batch, held, _UNL_MEAN, _UNL_STD,
+        free = not extra.get("use_labels", True)
+        # label-free runs get wrong held-out labels: they must never be read (monitoring is agreement with
+        # the pivot), or held-out "accuracy" would be 0 and min_cda would stop the run at step 50
+        h = LocalSet(held.images, (held.labels + 1) % 4, held.sids) if free else held
+        _, info = _repair(m, {**sec, **extra}, lambda mm: mm, batch, h, _UNL_MEAN, _UNL_STD,
                           torch.device("cpu"), 0, 1, delta)
         assert ("unlearn" in info["last_loss_parts"]) == (extra["unlearn"] > 0)
+        assert not info["stopped_early"] and info["steps_done"] == 100
+        if free:
+            assert info["held_acc_before"] == 1.0 and info["held_acc_after"] > 0.9, info
         out[name] = _acc_asr(m, x, y, delta)
     assert out["plain"][1] >= 0.9, out  # PT alone keeps this backdoor
     assert out["unlearn"][1] <= 0.05 and out["label-free"][1] <= 0.05, out

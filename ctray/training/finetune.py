@@ -147,6 +147,9 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
     the first ``unlearn_frac`` of each batch is also fed with it, with the true labels (the pivot's when
     ``use_labels`` is false), in the same forward pass (one DDP forward per step), and ``unlearn * CE``
     on those copies joins the PT loss.
+
+    ``held_acc_before`` / ``held_acc_after`` in [0, 1]: held-out accuracy against the labels, or, when
+    ``use_labels`` is false, agreement with the pivot's predictions (1.0 before), so no label is read.
     """
     pivot = copy.deepcopy(model).eval()
     for p in pivot.parameters():
@@ -159,7 +162,10 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
     if gather and int(sec["batch_size"]) % world:
         raise RuntimeError(f"repair.slol_gather needs repair.batch_size ({sec['batch_size']}) divisible by the "
                            f"worker count ({world})")
-    acc_before = _global_share(*_held_counts(pivot, held, mean, std, device))
+    # label-free (use_labels false): the held-out share is measured against the pivot's answers, so the
+    # shards' labels are never read (an unlabeled pool's .cls may be placeholders)
+    judge = None if sec["use_labels"] else pivot
+    acc_before = _global_share(*_held_counts(pivot, held, mean, std, device, judge))
     steps, every, min_cda = int(sec["steps"]), int(sec["eval_every"]), float(sec["min_cda"])
     unlearn, unlearn_frac = float(sec.get("unlearn", 0.0)), float(sec.get("unlearn_frac", 0.5))
     if delta is not None and unlearn <= 0:
@@ -169,7 +175,7 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
     parts: dict[str, float] = {}
     for step in range(steps):
         if step % every == 0 and step > 0:
-            acc = _global_share(*_held_counts(model, held, mean, std, device))
+            acc = _global_share(*_held_counts(model, held, mean, std, device, judge))
             if acc is not None and acc <= min_cda:
                 log.warning("pivotal tuning: held-out accuracy %.4f <= min_cda %.4f at step %d: stopping", acc,
                             min_cda, step)
@@ -209,7 +215,7 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
         done += 1
         prog.update()
     prog.close()
-    acc_after = _global_share(*_held_counts(model, held, mean, std, device))
+    acc_after = _global_share(*_held_counts(model, held, mean, std, device, judge))
     info = {"steps_done": done, "stopped_early": stopped, "held_acc_before": acc_before, "held_acc_after": acc_after,
             "last_loss_parts": parts}
     log.info("pivotal tuning: %d steps, held-out accuracy %s -> %s", done, acc_before, acc_after)
