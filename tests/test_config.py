@@ -44,6 +44,14 @@ def test_reference_preset_keeps_the_published_audit_score():
         load_config("small", {"audit.score": "l1"}).validate()
 
 
+def test_reference_preset_keeps_the_published_bcu():
+    """cleanse.unlearn (audit + unlearning during BCU) is ctray's measured default; the preset is the paper's."""
+    assert load_config("small").cleanse.unlearn == 3.0 and load_config("smoke").cleanse.unlearn == 3.0
+    assert load_config("reference-cifar").cleanse.unlearn == 0.0 and load_config().cleanse.unlearn == 0.0
+    with pytest.raises(ConfigError, match="cleanse.unlearn must be >= 0"):
+        load_config("small", {"cleanse.unlearn": -1}).validate()
+
+
 def test_small_cnn_is_small_with_the_small_cnn():
     """`small-cnn` is documented as `small`'s schedule with the 5-conv CNN as CT's model: nothing else may
     drift between the two files."""

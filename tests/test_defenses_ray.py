@@ -114,7 +114,7 @@ def test_cleanse_brings_asr_down_without_labels(models, tmp_path, capsys):
     out = str(tmp_path / "bcu.pt")
     unl = f"{models['unl']}/train-*.tar"
     assert main(["-q", "cleanse-model", "--model", models["bd"], "--unlabeled", unl, "--out", out, *COMMON,
-                 "cleanse.select=agree"]) == 0
+                 "cleanse.select=agree", "cleanse.unlearn=0"]) == 0  # the paper's BCU
     info = _last_json(capsys)
     assert info["n_fit"] + info["n_held"] == 1500 and info["n_held"] > 0
     hist = read_checkpoint(out)["extra"]["cleanse"]["history"]
@@ -139,7 +139,7 @@ def test_cleanse_with_unlearning_audits_without_labels_and_keeps_the_backdoor_ou
     before = _evaluate(capsys, models["bd"], d)
     unl = f"{models['unl']}/train-*.tar"
     res = {}
-    for name, extra in (("plain", []), ("unlearn", ["cleanse.unlearn=3"])):
+    for name, extra in (("plain", ["cleanse.unlearn=0"]), ("unlearn", [])):  # ctray's default: unlearn 3
         out = tmp_path / f"{name}.pt"
         assert main(["-q", "cleanse-model", "--model", models["bd"], "--unlabeled", unl, "--out", str(out),
                      *COMMON, *extra]) == 0
@@ -150,6 +150,7 @@ def test_cleanse_with_unlearning_audits_without_labels_and_keeps_the_backdoor_ou
     assert audit["target"] == 0 and info["unlearn"]["class"] == 0 and info["unlearn"]["audit_labels"] == "model"
     assert read_checkpoint(str(tmp_path / "unlearn.pt"))["extra"]["unlearn"]["audit_labels"] == "model"
     assert "unlearn_loss_mean" in read_checkpoint(str(tmp_path / "unlearn.pt"))["extra"]["cleanse"]
+    assert read_checkpoint(str(tmp_path / "unlearn.pt"))["extra"]["config"]["unlearn"] == 3.0
     assert res["unlearn"]["asr"] <= 0.1 and res["unlearn"]["asr"] < res["plain"]["asr"], (before, res)
     assert res["unlearn"]["acc"] >= before["acc"] - 0.08, (before, res)
 
