@@ -232,7 +232,10 @@ def test_label_free_audit_never_reads_the_labels(models, tmp_path, capsys):
                                 ("labelled-scrambled", bad, [])):
         assert main(["-q", "audit", "--model", models["bd"], "--clean", f"{shards}/clean-*.tar", "--out",
                      str(tmp_path / name), "--json", *COMMON, "audit.classes=[0]", "repair.steps=7", *extra]) == 0
-        res[name] = _last_json(capsys)["per_class"][0]
+        out = _last_json(capsys)
+        assert out["labels"] == ("model" if extra else "true")
+        assert json.loads((tmp_path / name / "audit.json").read_text())["labels"] == out["labels"]
+        res[name] = out["per_class"][0]
     assert res["scrambled"]["gap"] == pytest.approx(res["true"]["gap"])
     assert res["scrambled"]["trigger_l1"] == pytest.approx(res["true"]["trigger_l1"])
     assert res["labelled-scrambled"]["gap"] != pytest.approx(res["true"]["gap"])
@@ -284,6 +287,14 @@ def test_repair_and_cleanse_run_data_parallel_with_two_workers(models, tmp_path,
     info = _last_json(capsys)
     assert info["n_fit"] + info["n_held"] == 400 and info["steps_done"] == 20
     out = str(tmp_path / "bcu2.pt")
+    # the default cleanse unlearns: its audit (a 20-step reference, one candidate class) and the
+    # concatenated clean + triggered forward run over the 2 workers too
     assert main(["-q", "cleanse-model", "--model", models["bd"], "--unlabeled", f"{models['unl']}/train-*.tar",
-                 "--out", out, "--preset", "smoke", "scale.num_workers=2", "cleanse.epochs=2"]) == 0
+                 "--out", out, "--preset", "smoke", "scale.num_workers=2", "cleanse.epochs=2", "repair.steps=20",
+                 "audit.classes=[0]"]) == 0
     assert _last_json(capsys)["epochs"] == 2
+    from ctray.models.checkpoint import read_checkpoint
+
+    extra = read_checkpoint(out)["extra"]
+    assert extra["unlearn"]["class"] == 0 and extra["cleanse"]["world"] == 2
+    assert extra["cleanse"]["unlearn_loss_mean"] > 0

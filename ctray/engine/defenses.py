@@ -247,7 +247,7 @@ def _audit_for_unlearning(cfg: Config, method: str, model_path: str, shards: Seq
     a = audit_model(faithful, model_path, shards, out_dir=audit_dir)
     assert a.trigger is not None  # audit_model always sets the target's trigger
     unlearn = {"class": a.target, "audit_score": a.score, "audit_backdoored": a.backdoored,
-               "audit_labels": "true" if faithful.audit.use_labels else "model",
+               "audit_labels": a.labels,
                "trigger_l1": float(np.abs(a.trigger).mean()), "audit_dir": audit_dir}
     log.info("%s: unlearning the trigger the audit inverted for class %d (score %.3f, backdoored=%s; %s)",
              method, a.target, a.score, a.backdoored, audit_dir)
@@ -267,7 +267,7 @@ def cleanse_model(cfg: Config, model_path: str, unlabeled: Sequence[str], out: s
             out to monitor the student's agreement with the teacher (``cleanse.select=agree`` keeps the
             best epoch by it; the default keeps the last epoch, as the reference).
 
-    With ``cleanse.unlearn`` > 0 (ctray's extension; 0 = the paper's BCU) the teacher is first audited
+    With ``cleanse.unlearn`` > 0 (ctray's extension, default 3; 0 = the paper's BCU) the teacher is first audited
     without labels (its own predictions, a label-free PT reference; ``<out>.audit/``) and triggered
     copies of ``cleanse.unlearn_frac`` of each batch are distilled toward the teacher's output on the
     clean image, so the student does not learn the trigger back from the teacher.
@@ -298,7 +298,8 @@ class AuditResult:
     ``backdoored``: ``score > threshold``. ``gap``: the reference's score ``max_c ASR_f(delta_c) -
     ASR_fref(delta_c)`` in [-1, 1], whatever the mode (the reference code reports ``-gap``, higher =
     cleaner: ``reference_score``). ``per_class``: per candidate class ``{"class", "gap", "asr_model",
-    "asr_ref", "loss", "trigger_l1", "score"}``.
+    "asr_ref", "loss", "trigger_l1", "score"}``. ``labels``: ``"true"`` (the shards' labels) or ``"model"``
+    (``audit.use_labels=false``: the model's own predictions; the reference is the label-free PT).
     """
 
     score: float
@@ -314,6 +315,7 @@ class AuditResult:
     score_mode: str = "gap-size"
     out_dir: str | None = None
     trigger: np.ndarray | None = field(default=None, repr=False)  # float32 (C, H, W): the target's delta
+    labels: str = "true"
 
     @property
     def reference_score(self) -> float:
@@ -446,7 +448,8 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
     res = AuditResult(score=score, target=target, backdoored=score > cfg.audit.threshold, threshold=cfg.audit.threshold,
                       per_class=per_class, ref_ckpt=ref, n_opt=int((~ev).sum()), n_eval=int(ev.sum()),
                       seconds=time.monotonic() - t0, gap=gap, score_mode=cfg.audit.score, out_dir=out_dir,
-                      trigger=np.asarray(results[best]["delta"], dtype=np.float32))
+                      trigger=np.asarray(results[best]["delta"], dtype=np.float32),
+                      labels="true" if cfg.audit.use_labels else "model")
     if out_dir:
         _write_audit(out_dir, res, results, arrays, spec)
     log.info("audit %s: %s score %.4f (max gap %.4f, target %d, backdoored=%s) in %.1fs", model_path,
