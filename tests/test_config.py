@@ -52,6 +52,15 @@ def test_reference_preset_keeps_the_published_bcu():
         load_config("small", {"cleanse.unlearn": -1}).validate()
 
 
+def test_repair_reinversion_needs_the_unlearning_audit():
+    assert load_config("small").repair.unlearn_every == 0  # experimental, off
+    load_config("small", {"repair.unlearn": 1, "repair.unlearn_every": 100}).validate()
+    with pytest.raises(ConfigError, match="repair.unlearn_every needs repair.unlearn > 0"):
+        load_config("small", {"repair.unlearn_every": 100}).validate()
+    with pytest.raises(ConfigError, match="unlearn_isteps >= 1"):
+        load_config("small", {"repair.unlearn": 1, "repair.unlearn_isteps": 0}).validate()
+
+
 def test_small_cnn_is_small_with_the_small_cnn():
     """`small-cnn` is documented as `small`'s schedule with the 5-conv CNN as CT's model: nothing else may
     drift between the two files."""

@@ -82,7 +82,8 @@ def test_repair_brings_asr_down_and_keeps_accuracy(models, repaired, capsys):
     assert after["acc"] >= before["acc"] - 0.08, (before, after)
 
 
-@pytest.mark.slow  # 177 s (the audit's reference PT + 10 inversions + the PT): over the fast suite's budget
+@pytest.mark.slow  # 177 s per repair (the audit's reference PT + 10 inversions + the PT), two repairs
+@pytest.mark.timeout(1800)
 def test_repair_with_unlearning_audits_then_removes_more_of_the_backdoor(models, repaired, tmp_path, capsys):
     """repair.unlearn (ctray's extension): audit first, then PT with the target's inverted trigger unlearned."""
     from ctray.models.checkpoint import read_checkpoint
@@ -103,6 +104,15 @@ def test_repair_with_unlearning_audits_then_removes_more_of_the_backdoor(models,
     # at 4.6 more points lost on this 2,000-sample small CNN (docs/defenses.md has the 10k narrow ResNet-18)
     assert after["asr"] <= 0.15 and after["asr"] < plain["asr"] - 0.2, (before, plain, after)
     assert after["acc"] >= before["acc"] - 0.13, (before, plain, after)
+    # repair.unlearn_every (experimental): the trigger re-inverted against the model being repaired at
+    # steps 100 and 200 of 300, projected into the cap, through the same CLI path (its own audit)
+    out2 = tmp_path / "reinv.pt"
+    assert main(["-q", "repair", "--model", models["bd"], "--clean", f"{d}/clean-*.tar", "--out", str(out2),
+                 *COMMON, "repair.unlearn=1", "repair.unlearn_every=100", "repair.unlearn_isteps=10"]) == 0
+    l1 = read_checkpoint(str(out2))["extra"]["repair"]["unlearn_delta_l1"]
+    assert len(l1) == 2 and max(l1) <= 0.1 + 1e-6, l1
+    again = _evaluate(capsys, str(out2), d)
+    assert again["asr"] <= 0.15 and again["acc"] >= before["acc"] - 0.13, (before, after, again)
 
 
 @pytest.mark.slow  # ~40 s; keeps `make test` under 15 min (repair, audit and act stay fast)

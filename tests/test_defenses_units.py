@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ctray.defenses.actstats import ClampedModel, activation_features, activation_modules, channel_counts
-from ctray.defenses.audit import apply_trigger, trigger_asr
+from ctray.defenses.audit import apply_trigger, project_l1, reinvert_trigger, trigger_asr
 from ctray.defenses.cleanse import distill_loss, layer_groups, student_init, temperature
 from ctray.defenses.repair import centroids, gram_offdiag_norm, param_loss, pivot_params, pt_loss, slol_loss
 from ctray.models import build_model
@@ -271,8 +271,11 @@ def test_repair_unlearning_removes_a_backdoor_plain_pt_keeps():
     trusted = LocalSet(x[:128], y[:128], np.arange(128))
     held = LocalSet(x[128:192], y[128:192], np.arange(128, 192))
     out = {}
+    reinv = {"ref": copy.deepcopy(model).eval(), "target": 0, "lr": 0.05, "betas": (0.5, 0.9)}
     for name, extra in (("plain", {"unlearn": 0.0}), ("unlearn", {"unlearn": 1.0}),
-                        ("label-free", {"unlearn": 1.0, "use_labels": False})):
+                        ("label-free", {"unlearn": 1.0, "use_labels": False}),
+                        ("re-inverted", {"unlearn": 1.0, "unlearn_every": 25, "unlearn_isteps": 5,
+                                         "unlearn_ref_weight": 0.0, "unlearn_cap": 0.05})):
         m = copy.deepcopy(model)
         sampler = Sampler(len(trusted), 64, 0)
 
@@ -285,15 +288,59 @@ def test_repair_unlearning_removes_a_backdoor_plain_pt_keeps():
         # the pivot), or held-out "accuracy" would be 0 and min_cda would stop the run at step 50
         h = LocalSet(held.images, (held.labels + 1) % 4, held.sids) if free else held
         _, info = _repair(m, {**sec, **extra}, lambda mm: mm, batch, h, _UNL_MEAN, _UNL_STD,
-                          torch.device("cpu"), 0, 1, delta)
+                          torch.device("cpu"), 0, 1, delta, reinv if "unlearn_every" in extra else None)
+        if "unlearn_every" in extra:  # re-inverted at steps 25, 50, 75, each within the cap
+            assert len(info["unlearn_delta_l1"]) == 3 and max(info["unlearn_delta_l1"]) <= 0.05 + 1e-6, info
         assert ("unlearn" in info["last_loss_parts"]) == (extra["unlearn"] > 0)
         assert not info["stopped_early"] and info["steps_done"] == 100
         if free:
             assert info["held_acc_before"] == 1.0 and info["held_acc_after"] > 0.9, info
         out[name] = _acc_asr(m, x, y, delta)
     assert out["plain"][1] >= 0.9, out  # PT alone keeps this backdoor
-    assert out["unlearn"][1] <= 0.05 and out["label-free"][1] <= 0.05, out
+    assert out["unlearn"][1] <= 0.05 and out["label-free"][1] <= 0.05 and out["re-inverted"][1] <= 0.05, out
     assert min(a for a, _ in out.values()) >= 0.95, out
+
+
+def test_project_l1_soft_thresholds_onto_the_mean_abs_ball():
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(3, 8, 8, generator=g)
+    assert torch.equal(project_l1(d, 10.0), d) and torch.equal(project_l1(d, 0.0), d)  # inside / no cap
+    p = project_l1(d, 0.2)
+    assert float(p.abs().mean()) == pytest.approx(0.2, rel=1e-5)
+    nz = p != 0
+    shrink = (d.abs() - p.abs())[nz]  # every kept entry shrunk by the same theta, sign kept
+    assert float(shrink.max() - shrink.min()) < 1e-5 and bool((torch.sign(p[nz]) == torch.sign(d[nz])).all())
+    assert float(d.abs()[~nz].max()) <= float(shrink[0]) + 1e-6  # the dropped entries were the smallest
+
+
+def test_reinvert_trigger_keeps_a_patch_working_within_its_cap_and_leaves_the_weights_alone():
+    """repair.unlearn_every's step, warm-started from the planted patch with the cap at the patch's own
+    size: the projected result still flips the model (rescaling instead left ASR 0.37 in this set-up);
+    uncapped from a useless start it finds some perturbation the model obeys. No weight moves or gets a
+    .grad (DDP's hooks must not fire) and the model's train/eval mode is restored."""
+    import copy
+
+    torch.set_num_threads(1)
+    model, x, y, delta = _backdoored_quadrant_model()
+    model = copy.deepcopy(model).train()
+    before = [p.detach().clone() for p in model.parameters()]
+    x01 = x.permute(0, 3, 1, 2).float() / 255
+    keep = y != 0
+    g = torch.Generator().manual_seed(0)
+    batches = [(x01[i], y[i]) for i in (torch.randint(0, len(y), (64,), generator=g) for _ in range(60))]
+    cap = float(delta.abs().mean())  # 9 of 144 pixels at 1.0
+    kw = {"lr": 0.01, "betas": (0.5, 0.9), "ref_weight": 0.0, "mean": _UNL_MEAN, "std": _UNL_STD}
+    warm = reinvert_trigger(model, model, delta, batches, 0, cap=cap, **kw)
+    assert model.training  # restored (trigger_asr below puts it in eval mode)
+    assert warm.shape == delta.shape and float(warm.abs().mean()) <= cap + 1e-6 and not torch.equal(warm, delta)
+    assert trigger_asr(model, x01[keep], y[keep], warm, 0, _UNL_MEAN, _UNL_STD) >= 0.9
+    start = torch.full_like(delta, 0.005)
+    cold = reinvert_trigger(model, model, start, batches, 0, cap=0.0, **kw)
+    assert torch.equal(start, torch.full_like(delta, 0.005))  # the input is not modified
+    assert trigger_asr(model, x01[keep], y[keep], start, 0, _UNL_MEAN, _UNL_STD) <= 0.1
+    assert trigger_asr(model, x01[keep], y[keep], cold, 0, _UNL_MEAN, _UNL_STD) >= 0.9
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_cleanse_unlearning_keeps_the_backdoor_from_being_distilled_back():

@@ -12,12 +12,14 @@ on trusted images outside class c (random horizontal flip). The success gap
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["apply_trigger", "invert_trigger", "pixels01", "trigger_asr", "trigger_png"]
+__all__ = ["apply_trigger", "invert_trigger", "pixels01", "project_l1", "reinvert_trigger", "trigger_asr", "trigger_png"]
 
 
 def pixels01(images: torch.Tensor) -> torch.Tensor:
@@ -98,6 +100,62 @@ def invert_trigger(model: nn.Module, ref: nn.Module, x01: torch.Tensor, labels: 
         loss.backward()
         opt.step()
     return delta.detach().clone(), float(loss.detach())
+
+
+def project_l1(delta: torch.Tensor, cap: float) -> torch.Tensor:
+    """Euclidean projection of ``delta`` onto ``{d : mean |d| <= cap}`` (Duchi et al. 2008: soft-threshold
+    every entry by the one ``theta`` that brings the mean to ``cap``). Unlike rescaling, it keeps a patch
+    trigger's strong pixels and drops the weak ones it gained during re-inversion (measured:
+    tests/test_defenses_units.py). ``delta`` any shape; returned unchanged when already inside."""
+    a = delta.detach().abs().flatten()
+    budget = cap * a.numel()
+    if cap <= 0 or float(a.sum()) <= budget:
+        return delta
+    u, _ = torch.sort(a, descending=True)
+    cs = torch.cumsum(u, 0)
+    k = torch.arange(1, u.numel() + 1, dtype=u.dtype, device=u.device)
+    rho = int(torch.nonzero(u - (cs - budget) / k > 0).max())
+    theta = (cs[rho] - budget) / (rho + 1)
+    return torch.sign(delta) * torch.clamp(delta.abs() - theta, min=0.0)
+
+
+def reinvert_trigger(model: nn.Module, ref: nn.Module, delta: torch.Tensor,
+                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]], target: int, *, lr: float,
+                     betas: tuple[float, float], ref_weight: float, mean: float, std: float,
+                     cap: float = 0.0) -> torch.Tensor:
+    """Warm-started re-inversion of ``target``'s trigger against ``model`` as it is now (ctray's, for
+    ``repair.unlearn_every``): one Adam step per batch on ``CE(model(x + d), target) + ref_weight *
+    CE(ref(x + d), y)``, images of class ``target`` skipped.
+
+    Gradients are taken with respect to the trigger only (``torch.autograd.grad``), so no weight gets a
+    ``.grad`` and a DDP wrapper's hooks never fire; both models run in eval mode, ``model`` is put back in
+    its previous mode.
+
+    Args:
+        delta: float (C, H, W) starting trigger in [0, 1] pixel units (not modified).
+        batches: ``(x01 float (B, C, H, W) in [0, 1], labels int64 (B,))`` pairs, one step each.
+        cap: if > 0, the result is projected onto ``mean |delta| <= cap`` (:func:`project_l1`; a re-inverted
+            trigger keeps growing until unlearning it erases clean features too; docs/defenses.md).
+
+    Returns:
+        float (C, H, W) trigger, detached.
+    """
+    d = delta.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([d], lr=lr, betas=betas)
+    was_training = model.training
+    model.eval()
+    ref.eval()
+    for x01, y in batches:
+        keep = y != target
+        if not bool(keep.any()):
+            continue
+        xa = apply_trigger(x01[keep], d, mean, std)
+        tgt = torch.full((int(keep.sum()),), int(target), dtype=torch.long, device=xa.device)
+        loss = F.cross_entropy(model(xa), tgt) + ref_weight * F.cross_entropy(ref(xa), y[keep])
+        (d.grad,) = torch.autograd.grad(loss, [d])
+        opt.step()
+    model.train(was_training)
+    return project_l1(d.detach(), cap)
 
 
 def trigger_png(delta: torch.Tensor) -> np.ndarray:

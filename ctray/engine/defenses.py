@@ -177,7 +177,8 @@ def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], 
     if unlearn is not None:
         prov["unlearn"] = unlearn
     job = {"cfg": cfg_d, "method": method, "model_in": model_path, "model_out": out, "extra": prov,
-           "unlearn": None if delta is None else {"delta": delta.tolist()}}
+           "unlearn": None if delta is None else {"delta": delta.tolist(), "target": (unlearn or {}).get("class"),
+                                                  "ref_ckpt": (unlearn or {}).get("ref_ckpt")}}
     base = os.path.dirname(os.path.abspath(out)) if not cio.is_remote(out) else out.rsplit("/", 1)[0]
     t = time.monotonic()
     # The two ignores: ray.train.torch rebinds TorchTrainer to the Train V2 class at import (V2 is on by
@@ -239,7 +240,7 @@ def _audit_for_unlearning(cfg: Config, method: str, model_path: str, shards: Seq
     if not out:
         raise ConfigError("no output checkpoint: give --out")  # before minutes of audit, not after
     faithful = copy.deepcopy(cfg)
-    faithful.repair.unlearn = 0.0  # the audit's reference is the paper's PT
+    faithful.repair.unlearn, faithful.repair.unlearn_every = 0.0, 0  # the audit's reference is the paper's PT
     faithful.cleanse.unlearn = 0.0
     if method == "cleanse":
         faithful.audit.use_labels = False  # the unlabeled shards' labels are never used
@@ -248,7 +249,7 @@ def _audit_for_unlearning(cfg: Config, method: str, model_path: str, shards: Seq
     assert a.trigger is not None  # audit_model always sets the target's trigger
     unlearn = {"class": a.target, "audit_score": a.score, "audit_backdoored": a.backdoored,
                "audit_labels": a.labels,
-               "trigger_l1": float(np.abs(a.trigger).mean()), "audit_dir": audit_dir}
+               "trigger_l1": float(np.abs(a.trigger).mean()), "audit_dir": audit_dir, "ref_ckpt": a.ref_ckpt}
     log.info("%s: unlearning the trigger the audit inverted for class %d (score %.3f, backdoored=%s; %s)",
              method, a.target, a.score, a.backdoored, audit_dir)
     if not a.backdoored:
@@ -396,7 +397,8 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
     what = "trusted clean" if cfg.audit.use_labels else "unlabeled"
     ds, paths = _read(clean, model_path, cfg, what)
     cfg = copy.deepcopy(cfg)
-    cfg.repair.unlearn = 0.0  # the reference is the paper's PT (an unlearning repair would audit again)
+    cfg.repair.unlearn, cfg.repair.unlearn_every = 0.0, 0  # the reference is the paper's PT (an unlearning
+    #                                                         repair would audit again)
     if not cfg.audit.use_labels:
         cfg.repair.use_labels = False  # label-free reference: self-distillation to the pivot
     _, C, spec = _model_inputs(model_path)

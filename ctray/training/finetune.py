@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctray.core.actstats import hash_split
-from ctray.defenses.audit import apply_trigger
+from ctray.defenses.audit import apply_trigger, reinvert_trigger
 from ctray.defenses.cleanse import distill_loss, student_init, temperature
 from ctray.defenses.repair import pivot_params, pt_loss
 from ctray.models.checkpoint import ModelSpec, load_model, save_model
@@ -127,7 +127,14 @@ def finetune_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     unl = job.get("unlearn")
     delta = torch.tensor(np.asarray(unl["delta"], dtype=np.float32), device=device) if unl else None
     if method == "repair":
-        out_model, info = _repair(model, sec, prep, batch, held, mean, std, device, rank, world, delta)
+        reinv = None
+        if unl and int(sec.get("unlearn_every", 0)) > 0:
+            ref, _, _ = load_model(unl["ref_ckpt"])  # the audit's reference (a path every worker can read)
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            reinv = {"ref": ref.to(device).eval(), "target": int(unl["target"]), "lr": float(cfg["audit"]["lr"]),
+                     "betas": (float(cfg["audit"]["beta1"]), float(cfg["audit"]["beta2"]))}
+        out_model, info = _repair(model, sec, prep, batch, held, mean, std, device, rank, world, delta, reinv)
     else:
         out_model, info = _cleanse(model, spec, sec, prep, batch, held, mean, std, device, rank, n_fit, seed, delta)
     info.update({"method": method, "world": world, "n_fit": n_fit, "n_held": n_held,
@@ -139,14 +146,19 @@ def finetune_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: LocalSet, mean: float, std: float,
-            device: torch.device, rank: int, world: int, delta: torch.Tensor | None = None
-            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            device: torch.device, rank: int, world: int, delta: torch.Tensor | None = None,
+            reinv: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Pivotal Tuning (seed-defenses.md §1.2) of ``model`` in place; returns its state and the figures.
 
     ``delta``: float (C, H, W) additive trigger in [0, 1] pixel units to unlearn (``repair.unlearn`` > 0):
     the first ``unlearn_frac`` of each batch is also fed with it, with the true labels (the pivot's when
     ``use_labels`` is false), in the same forward pass (one DDP forward per step), and ``unlearn * CE``
     on those copies joins the PT loss.
+
+    ``reinv`` (``repair.unlearn_every`` > 0): ``{"ref", "target", "lr", "betas"}``; every ``unlearn_every``
+    steps the trigger is re-inverted against ``model`` on ``unlearn_isteps`` fresh batches
+    (:func:`ctray.defenses.audit.reinvert_trigger`, capped at ``unlearn_cap``) and averaged over the workers;
+    ``info["unlearn_delta_l1"]`` lists its mean |delta| after each re-inversion.
 
     ``held_acc_before`` / ``held_acc_after`` in [0, 1]: held-out accuracy against the labels, or, when
     ``use_labels`` is false, agreement with the pivot's predictions (1.0 before), so no label is read.
@@ -173,7 +185,13 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
     stopped, done, acc = False, 0, acc_before
     prog = Progress(log, f"[w{rank}] pivotal tuning", steps, "steps")
     parts: dict[str, float] = {}
+    inv_every = int(sec.get("unlearn_every", 0)) if (reinv is not None and delta is not None) else 0
+    delta_l1: list[float] = []
     for step in range(steps):
+        if inv_every and step > 0 and step % inv_every == 0:
+            assert delta is not None and reinv is not None
+            delta = _reinvert(model, pivot, delta, reinv, sec, batch, mean, std, world)
+            delta_l1.append(round(float(delta.abs().mean()), 5))
         if step % every == 0 and step > 0:
             acc = _global_share(*_held_counts(model, held, mean, std, device, judge))
             if acc is not None and acc <= min_cda:
@@ -216,10 +234,32 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
         prog.update()
     prog.close()
     acc_after = _global_share(*_held_counts(model, held, mean, std, device, judge))
-    info = {"steps_done": done, "stopped_early": stopped, "held_acc_before": acc_before, "held_acc_after": acc_after,
-            "last_loss_parts": parts}
+    info: dict[str, Any] = {"steps_done": done, "stopped_early": stopped, "held_acc_before": acc_before,
+                            "held_acc_after": acc_after, "last_loss_parts": parts}
+    if inv_every:
+        info["unlearn_delta_l1"] = delta_l1
     log.info("pivotal tuning: %d steps, held-out accuracy %s -> %s", done, acc_before, acc_after)
     return _state(model), info
+
+
+def _reinvert(model: nn.Module, pivot: nn.Module, delta: torch.Tensor, reinv: dict[str, Any], sec: dict[str, Any],
+              batch: Any, mean: float, std: float, world: int) -> torch.Tensor:
+    """``repair.unlearn_every``'s step: re-invert ``delta`` against ``model`` on ``unlearn_isteps`` fresh
+    batches (labels: the true ones, or the pivot's when label-free), then average it over the workers so
+    that every rank unlearns the same trigger."""
+    def pairs() -> Any:
+        for _ in range(int(sec["unlearn_isteps"])):
+            x, y = batch()
+            if not sec["use_labels"]:
+                with torch.no_grad():
+                    y = pivot(x).argmax(1)
+            yield x * std + mean, y
+
+    d = reinvert_trigger(model, reinv["ref"], delta, pairs(), reinv["target"], lr=reinv["lr"], betas=reinv["betas"],
+                         ref_weight=float(sec["unlearn_ref_weight"]), mean=mean, std=std,
+                         cap=float(sec["unlearn_cap"]))
+    # the workers' mean of capped triggers stays within the cap (mean |.| is convex)
+    return _allreduce_sum(d) / world if world > 1 else d
 
 
 def _cleanse(teacher: nn.Module, spec: ModelSpec, sec: dict[str, Any], prep: Any, batch: Any, held: LocalSet,
