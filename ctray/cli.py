@@ -400,7 +400,8 @@ def _run_audit(args: argparse.Namespace) -> int:
     if args.json:
         d = res.to_dict()
         print(json.dumps({k: d[k] for k in ("score", "score_mode", "gap", "target", "per_class", "backdoored",
-                                             "threshold", "reference_score", "ref_ckpt", "n_opt", "n_eval", "labels")}))
+                                             "threshold", "reference_score", "ref_ckpt", "n_opt", "n_eval", "n_read",
+                                             "labels")}))
     else:
         what = "max success gap" if res.score_mode == "gap" else "max gap x median trigger size / trigger size"
         print(f"score {res.score:.4f} ({what}; higher = more suspicious), target class {res.target}, "

@@ -274,6 +274,9 @@ class AuditConfig:
     #                         has none (it reports AUROC), 0.5 is ours. Calibrate on clean models of your setting
     use_labels: bool = True  # False (ctray's, for cleanse.unlearn): the suspect model's own predictions stand
     #                          in for the labels and the reference is the label-free PT (repair.use_labels=false)
+    max_images: int = 10000  # ctray's: the audit holds its images in driver memory; above this many usable
+    #                          images it keeps a seeded sample of about this many (by sample id) and says so.
+    #                          cleanse.unlearn audits the unlabeled pool, which may be large. 0 = all
     task_cpus: float = 0.5  # CPUs per Ray task (fractional: several classes in parallel on a small box)
     classes_per_task: int = 1  # candidate classes per Ray task (chunk on big K to amortise model loading)
 
@@ -468,6 +471,7 @@ def _validate_defenses(cfg: Config) -> None:
         (c.select == "last" or c.holdout_frac > 0, "cleanse.select=agree needs cleanse.holdout_frac > 0"),
         (c.unlearn >= 0 and 0 < c.unlearn_frac <= 1,
          f"cleanse.unlearn must be >= 0 and cleanse.unlearn_frac in (0, 1], got {c.unlearn} / {c.unlearn_frac}"),
+        (a.max_images >= 0, f"audit.max_images must be >= 0 (0 = all), got {a.max_images}"),
         (act.mode in ("gauss", "quantile"), f"act.mode must be 'gauss' or 'quantile', got {act.mode!r}"),
         (act.pool in ("avg", "max", "avg+max"), f"act.pool must be avg, max or avg+max, got {act.pool!r}"),
         (0 <= act.frr < 1, f"act.frr must lie in [0, 1), got {act.frr}"),

@@ -57,6 +57,8 @@ def test_repair_reinversion_needs_the_unlearning_audit():
     load_config("small", {"repair.unlearn": 1, "repair.unlearn_every": 100}).validate()
     with pytest.raises(ConfigError, match="repair.unlearn_every needs repair.unlearn > 0"):
         load_config("small", {"repair.unlearn_every": 100}).validate()
+    with pytest.raises(ConfigError, match="audit.max_images must be >= 0"):
+        load_config("small", {"audit.max_images": -1}).validate()
     with pytest.raises(ConfigError, match="unlearn_isteps >= 1"):
         load_config("small", {"repair.unlearn": 1, "repair.unlearn_isteps": 0}).validate()
 

@@ -218,7 +218,8 @@ def test_audit_caches_the_reference_by_hash_and_is_seeded(models, tmp_path, caps
 def test_label_free_audit_never_reads_the_labels(models, tmp_path, capsys):
     """audit.use_labels=false (cleanse.unlearn's audit): the model's answers replace the labels and the
     reference is the label-free PT, monitored against the pivot. Shards whose every label is 7 must give
-    the same audit as the true ones, while the labelled audit does read them (it differs)."""
+    the same audit as the true ones, while the labelled audit does read them (it differs). All three hold
+    about 200 of the 400 images in memory (audit.max_images), and say so."""
     import glob
     import io
     import tarfile
@@ -240,9 +241,12 @@ def test_label_free_audit_never_reads_the_labels(models, tmp_path, capsys):
     res = {}
     for name, shards, extra in (("true", d, ["audit.use_labels=false"]), ("scrambled", bad, ["audit.use_labels=false"]),
                                 ("labelled-scrambled", bad, [])):
+        # audit.max_images: a seeded sample by sample id, the same rows whatever the labels
         assert main(["-q", "audit", "--model", models["bd"], "--clean", f"{shards}/clean-*.tar", "--out",
-                     str(tmp_path / name), "--json", *COMMON, "audit.classes=[0]", "repair.steps=7", *extra]) == 0
+                     str(tmp_path / name), "--json", *COMMON, "audit.classes=[0]", "repair.steps=7",
+                     "audit.max_images=200", *extra]) == 0
         out = _last_json(capsys)
+        assert out["n_read"] == 400 and 150 <= out["n_opt"] + out["n_eval"] <= 250, out
         assert out["labels"] == ("model" if extra else "true")
         assert json.loads((tmp_path / name / "audit.json").read_text())["labels"] == out["labels"]
         res[name] = out["per_class"][0]

@@ -76,6 +76,13 @@ def _ok_rows(batch: pa.Table) -> pa.Table:
     return batch.filter(batch["ok"]).select(["shard", "key", "sid", "image", "label"])
 
 
+def _sample_rows(batch: pa.Table, frac: float, salt: int) -> pa.Table:
+    """The rows of ``batch`` whose sample id falls in a seeded ``frac`` share (order-independent)."""
+    from ctray.core.actstats import hash_split
+
+    return batch.filter(pa.array(hash_split(batch["sid"].to_numpy(), frac, salt)))
+
+
 def _read(shards: Sequence[str], model_path: str, cfg: Config, what: str) -> tuple[Any, list[str]]:
     """Ray Dataset of the usable rows (``shard, key, sid, image, label``) of ``shards``, read at the
     model's input spec (other sizes resized and counted)."""
@@ -317,6 +324,7 @@ class AuditResult:
     out_dir: str | None = None
     trigger: np.ndarray | None = field(default=None, repr=False)  # float32 (C, H, W): the target's delta
     labels: str = "true"
+    n_read: int = 0  # usable images read; n_opt + n_eval of them were used (fewer above audit.max_images)
 
     @property
     def reference_score(self) -> float:
@@ -414,7 +422,19 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
         else:
             log.info("audit: pivotal tuning the reference model -> %s", ref)
             repair_model(cfg, model_path, clean, ref)
+    n_read = None
+    if cfg.audit.max_images > 0:
+        ds = ds.materialize()
+        n_read = ds.count()
+        if n_read > cfg.audit.max_images:
+            log.info("audit: %d usable %s images; inverting on a seeded sample of about %d (audit.max_images)",
+                     n_read, what, cfg.audit.max_images)
+            ds = ds.map_batches(_sample_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                                fn_kwargs={"frac": cfg.audit.max_images / n_read, "salt": cfg.seed * 1000 + 309},
+                                num_cpus=cfg.data.read_cpus)
     data = _to_driver(ds, what)
+    if n_read is None:
+        n_read = len(data["sids"])
     if not cfg.audit.use_labels:  # the shards' labels are never used: the model's own answers stand in
         data["labels"] = _predict_labels(model_path, data["images"])
     ev = hash_split(data["sids"], cfg.audit.eval_frac, cfg.seed * 1000 + 303)
@@ -451,7 +471,7 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
                       per_class=per_class, ref_ckpt=ref, n_opt=int((~ev).sum()), n_eval=int(ev.sum()),
                       seconds=time.monotonic() - t0, gap=gap, score_mode=cfg.audit.score, out_dir=out_dir,
                       trigger=np.asarray(results[best]["delta"], dtype=np.float32),
-                      labels="true" if cfg.audit.use_labels else "model")
+                      labels="true" if cfg.audit.use_labels else "model", n_read=int(n_read))
     if out_dir:
         _write_audit(out_dir, res, results, arrays, spec)
     log.info("audit %s: %s score %.4f (max gap %.4f, target %d, backdoored=%s) in %.1fs", model_path,
