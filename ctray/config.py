@@ -311,6 +311,13 @@ class CleanseConfig:
     # 0.786/0.049 -> 0.800/0.037 (acc/ASR); blend over 3 harness seeds ASR 0.63 -> 0.20. Costs one audit.
     unlearn: float = 3.0
     unlearn_frac: float = 0.5  # share of each batch also fed with the trigger
+    # ctray's, experimental (0 = off), as repair.unlearn_every: every unlearn_every steps, re-invert the trigger
+    # against the student (label-free: the teacher's answers on the clean images are the labels, the audit's
+    # label-free PT is the reference), then project its mean |delta| onto unlearn_cap ([0, 1] pixel units).
+    unlearn_every: int = 0
+    unlearn_isteps: int = 20
+    unlearn_ref_weight: float = 2.0
+    unlearn_cap: float = 0.1
 
 
 @dataclass
@@ -471,6 +478,11 @@ def _validate_defenses(cfg: Config) -> None:
         (c.select == "last" or c.holdout_frac > 0, "cleanse.select=agree needs cleanse.holdout_frac > 0"),
         (c.unlearn >= 0 and 0 < c.unlearn_frac <= 1,
          f"cleanse.unlearn must be >= 0 and cleanse.unlearn_frac in (0, 1], got {c.unlearn} / {c.unlearn_frac}"),
+        (c.unlearn_every >= 0 and c.unlearn_isteps >= 1 and c.unlearn_ref_weight >= 0 and c.unlearn_cap >= 0,
+         "cleanse.unlearn_every must be >= 0, unlearn_isteps >= 1, unlearn_ref_weight and unlearn_cap >= 0; got "
+         f"{c.unlearn_every} / {c.unlearn_isteps} / {c.unlearn_ref_weight} / {c.unlearn_cap}"),
+        (c.unlearn_every == 0 or c.unlearn > 0, "cleanse.unlearn_every needs cleanse.unlearn > 0 (the trigger it "
+         "re-inverts comes from the audit that cleanse.unlearn runs)"),
         (a.max_images >= 0, f"audit.max_images must be >= 0 (0 = all), got {a.max_images}"),
         (act.mode in ("gauss", "quantile"), f"act.mode must be 'gauss' or 'quantile', got {act.mode!r}"),
         (act.pool in ("avg", "max", "avg+max"), f"act.pool must be avg, max or avg+max, got {act.pool!r}"),

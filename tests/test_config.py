@@ -63,6 +63,16 @@ def test_repair_reinversion_needs_the_unlearning_audit():
         load_config("small", {"repair.unlearn": 1, "repair.unlearn_isteps": 0}).validate()
 
 
+def test_cleanse_reinversion_needs_the_unlearning_audit():
+    c = load_config("small")
+    assert c.cleanse.unlearn == 3.0 and c.cleanse.unlearn_every == 0  # experimental, off
+    load_config("small", {"cleanse.unlearn_every": 50}).validate()
+    with pytest.raises(ConfigError, match="cleanse.unlearn_every needs cleanse.unlearn > 0"):
+        load_config("small", {"cleanse.unlearn": 0, "cleanse.unlearn_every": 50}).validate()
+    with pytest.raises(ConfigError, match="cleanse.unlearn_every must be >= 0"):
+        load_config("small", {"cleanse.unlearn_cap": -0.1}).validate()
+
+
 def test_small_cnn_is_small_with_the_small_cnn():
     """`small-cnn` is documented as `small`'s schedule with the 5-conv CNN as CT's model: nothing else may
     drift between the two files."""

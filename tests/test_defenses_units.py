@@ -365,19 +365,30 @@ def test_cleanse_unlearning_keeps_the_backdoor_from_being_distilled_back():
     pool = LocalSet(x[:256], torch.full((256,), -1), np.arange(256))  # labels never used
     held = LocalSet(x[256:320], y[256:320], np.arange(256, 320))
     out = {}
-    for name, w in (("plain", 0.0), ("unlearn", 1.0)):
+    # cleanse.unlearn_every: re-inverted every 8 steps (4 steps an epoch, 24 in all: at steps 8 and 16), label-free:
+    # the pool's labels are -1, so a re-inversion that read them would fail in cross_entropy
+    reinv = {"ref": copy.deepcopy(teacher).eval(), "target": 0, "lr": 0.05, "betas": (0.5, 0.9)}
+    arms = (("plain", {"unlearn": 0.0}), ("unlearn", {"unlearn": 1.0}),
+            ("re-inverted", {"unlearn": 1.0, "unlearn_every": 8, "unlearn_isteps": 3, "unlearn_ref_weight": 0.0,
+                             "unlearn_cap": 0.05}))
+    for name, extra in arms:
         sampler = Sampler(len(pool), 64, 0)
 
         def batch(s: Sampler = sampler) -> tuple[torch.Tensor, torch.Tensor]:
             idx = s.next()
             return to_input(pool.images[idx], _UNL_MEAN, _UNL_STD), pool.labels[idx]
 
-        state, info = _cleanse(copy.deepcopy(teacher), spec, {**sec, "unlearn": w}, lambda mm: mm, batch, held,
-                               _UNL_MEAN, _UNL_STD, torch.device("cpu"), 0, len(pool), 0, delta)
-        assert ("unlearn_loss_mean" in info) == (w > 0)
+        state, info = _cleanse(copy.deepcopy(teacher), spec, {**sec, **extra}, lambda mm: mm, batch, held,
+                               _UNL_MEAN, _UNL_STD, torch.device("cpu"), 0, 1, len(pool), 0, delta,
+                               reinv if "unlearn_every" in extra else None)
+        assert ("unlearn_loss_mean" in info) == (extra["unlearn"] > 0)
+        if "unlearn_every" in extra:
+            assert len(info["unlearn_delta_l1"]) == 2 and max(info["unlearn_delta_l1"]) <= 0.05 + 1e-6, info
+        else:
+            assert "unlearn_delta_l1" not in info
         student = spec.build()
         student.load_state_dict(state)
         out[name] = _acc_asr(student, x, y, delta)
     assert out["plain"][1] >= 0.5, out  # distillation on clean images teaches the backdoor back
-    assert out["unlearn"][1] <= 0.1, out
-    assert out["unlearn"][0] >= 0.95, out
+    assert out["unlearn"][1] <= 0.1 and out["re-inverted"][1] <= 0.1, out
+    assert out["unlearn"][0] >= 0.95 and out["re-inverted"][0] >= 0.95, out

@@ -248,7 +248,7 @@ def _audit_for_unlearning(cfg: Config, method: str, model_path: str, shards: Seq
         raise ConfigError("no output checkpoint: give --out")  # before minutes of audit, not after
     faithful = copy.deepcopy(cfg)
     faithful.repair.unlearn, faithful.repair.unlearn_every = 0.0, 0  # the audit's reference is the paper's PT
-    faithful.cleanse.unlearn = 0.0
+    faithful.cleanse.unlearn, faithful.cleanse.unlearn_every = 0.0, 0
     if method == "cleanse":
         faithful.audit.use_labels = False  # the unlabeled shards' labels are never used
     audit_dir = _abs(out) + ".audit"

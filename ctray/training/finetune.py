@@ -126,17 +126,18 @@ def finetune_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
 
     unl = job.get("unlearn")
     delta = torch.tensor(np.asarray(unl["delta"], dtype=np.float32), device=device) if unl else None
+    reinv = None
+    if unl and int(sec.get("unlearn_every", 0)) > 0:
+        ref, _, _ = load_model(unl["ref_ckpt"])  # the audit's reference (a path every worker can read)
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        reinv = {"ref": ref.to(device).eval(), "target": int(unl["target"]), "lr": float(cfg["audit"]["lr"]),
+                 "betas": (float(cfg["audit"]["beta1"]), float(cfg["audit"]["beta2"]))}
     if method == "repair":
-        reinv = None
-        if unl and int(sec.get("unlearn_every", 0)) > 0:
-            ref, _, _ = load_model(unl["ref_ckpt"])  # the audit's reference (a path every worker can read)
-            for p in ref.parameters():
-                p.requires_grad_(False)
-            reinv = {"ref": ref.to(device).eval(), "target": int(unl["target"]), "lr": float(cfg["audit"]["lr"]),
-                     "betas": (float(cfg["audit"]["beta1"]), float(cfg["audit"]["beta2"]))}
         out_model, info = _repair(model, sec, prep, batch, held, mean, std, device, rank, world, delta, reinv)
     else:
-        out_model, info = _cleanse(model, spec, sec, prep, batch, held, mean, std, device, rank, n_fit, seed, delta)
+        out_model, info = _cleanse(model, spec, sec, prep, batch, held, mean, std, device, rank, world, n_fit, seed,
+                                   delta, reinv)
     info.update({"method": method, "world": world, "n_fit": n_fit, "n_held": n_held,
                  "seconds": round(time.monotonic() - t0, 2)})
     if rank == 0:
@@ -244,13 +245,14 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
 
 def _reinvert(model: nn.Module, pivot: nn.Module, delta: torch.Tensor, reinv: dict[str, Any], sec: dict[str, Any],
               batch: Any, mean: float, std: float, world: int) -> torch.Tensor:
-    """``repair.unlearn_every``'s step: re-invert ``delta`` against ``model`` on ``unlearn_isteps`` fresh
-    batches (labels: the true ones, or the pivot's when label-free), then average it over the workers so
-    that every rank unlearns the same trigger."""
+    """``repair.unlearn_every`` / ``cleanse.unlearn_every``'s step: re-invert ``delta`` against ``model`` on
+    ``unlearn_isteps`` fresh batches (labels: the true ones, or ``pivot``'s answers when label-free; for
+    cleanse ``pivot`` is the teacher and never the labels), then average it over the workers so that every
+    rank unlearns the same trigger."""
     def pairs() -> Any:
         for _ in range(int(sec["unlearn_isteps"])):
             x, y = batch()
-            if not sec["use_labels"]:
+            if not sec.get("use_labels", False):  # cleanse has no labels: always the teacher's answers
                 with torch.no_grad():
                     y = pivot(x).argmax(1)
             yield x * std + mean, y
@@ -263,15 +265,20 @@ def _reinvert(model: nn.Module, pivot: nn.Module, delta: torch.Tensor, reinv: di
 
 
 def _cleanse(teacher: nn.Module, spec: ModelSpec, sec: dict[str, Any], prep: Any, batch: Any, held: LocalSet,
-             mean: float, std: float, device: torch.device, rank: int, n_fit: int, seed: int,
-             delta: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+             mean: float, std: float, device: torch.device, rank: int, world: int, n_fit: int, seed: int,
+             delta: torch.Tensor | None = None, reinv: dict[str, Any] | None = None
+             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """BCU (seed-defenses.md §3.2): build the student from ``teacher`` and distil; returns the selected
     student's state and the figures.
 
     ``delta``: float (C, H, W) additive trigger in [0, 1] pixel units to unlearn (``cleanse.unlearn`` > 0):
     the first ``unlearn_frac`` of each batch is also fed with it, in the same forward pass, and
     ``unlearn * KL(teacher(x) || student(x + delta))`` at the epoch's temperature is added: a triggered image
-    must get the teacher's answer for the clean one."""
+    must get the teacher's answer for the clean one.
+
+    ``reinv`` (``cleanse.unlearn_every`` > 0): as in :func:`_repair`, every ``unlearn_every`` steps (counted
+    over epochs) the trigger is re-inverted against the student, with the teacher's answers as labels and
+    the audit's label-free reference; ``info["unlearn_delta_l1"]`` lists its mean |delta| after each."""
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -291,10 +298,18 @@ def _cleanse(teacher: nn.Module, spec: ModelSpec, sec: dict[str, Any], prep: Any
         delta = None  # a trigger without a weight: the paper's BCU
     prog = Progress(log, f"[w{rank}] BCU distillation", epochs * steps_per_epoch, "steps")
     unl_sum = 0.0
+    inv_every = int(sec.get("unlearn_every", 0)) if (reinv is not None and delta is not None) else 0
+    delta_l1: list[float] = []
+    step = 0
     for e in range(epochs):
         t = temperature(e, epochs, float(sec["t_start"]), float(sec["t_add"]))
         loss_sum = 0.0
         for _ in range(steps_per_epoch):
+            if inv_every and step > 0 and step % inv_every == 0:
+                assert delta is not None and reinv is not None
+                delta = _reinvert(student, teacher, delta, reinv, sec, batch, mean, std, world)
+                delta_l1.append(round(float(delta.abs().mean()), 5))
+            step += 1
             x, _y = batch()  # labels are never used
             with torch.no_grad():
                 t_logits = teacher(x)
@@ -328,6 +343,8 @@ def _cleanse(teacher: nn.Module, spec: ModelSpec, sec: dict[str, Any], prep: Any
             "reinit_mean": float(shares.mean()) if shares.size else 0.0}
     if delta is not None:
         info["unlearn_loss_mean"] = unl_sum / max(1, epochs * steps_per_epoch)
+    if inv_every:
+        info["unlearn_delta_l1"] = delta_l1
     log.info("BCU: %d epochs, selected epoch %d (%s), held-out teacher agreement %s", epochs, best_epoch,
              sec["select"], history[-1]["held_agree"] if history else None)
     return state, info
