@@ -449,6 +449,19 @@ class Config:
         return self
 
 
+def _unlearn_checks(name: str, sec: RepairConfig | CleanseConfig) -> list[tuple[bool, str]]:
+    """The ``<name>.unlearn*`` checks, shared by repair and cleanse (the same keys and meaning)."""
+    return [
+        (sec.unlearn >= 0 and 0 < sec.unlearn_frac <= 1,
+         f"{name}.unlearn must be >= 0 and {name}.unlearn_frac in (0, 1], got {sec.unlearn} / {sec.unlearn_frac}"),
+        (sec.unlearn_every >= 0 and sec.unlearn_isteps >= 1 and sec.unlearn_ref_weight >= 0 and sec.unlearn_cap >= 0,
+         f"{name}.unlearn_every must be >= 0, unlearn_isteps >= 1, unlearn_ref_weight and unlearn_cap >= 0; got "
+         f"{sec.unlearn_every} / {sec.unlearn_isteps} / {sec.unlearn_ref_weight} / {sec.unlearn_cap}"),
+        (sec.unlearn_every == 0 or sec.unlearn > 0, f"{name}.unlearn_every needs {name}.unlearn > 0 (the trigger it "
+         f"re-inverts comes from the audit that {name}.unlearn runs)"),
+    ]
+
+
 def _validate_defenses(cfg: Config) -> None:
     """Cross-field rules of the defense sections (repair, audit, cleanse, act)."""
     from ctray.core.audit import SCORE_MODES  # here: ctray.core's package import pulls in SciPy (~1 s)
@@ -458,13 +471,7 @@ def _validate_defenses(cfg: Config) -> None:
         (r.steps >= 1 and r.batch_size >= 1 and r.eval_every >= 1, "repair.steps, batch_size, eval_every must be >= 1"),
         (r.lr > 0 and r.lam_param >= 0 and r.lam_slol >= 0, "repair.lr must be > 0, lam_* >= 0"),
         (0 <= r.holdout_frac < 1, f"repair.holdout_frac must lie in [0, 1), got {r.holdout_frac}"),
-        (r.unlearn >= 0 and 0 < r.unlearn_frac <= 1,
-         f"repair.unlearn must be >= 0 and repair.unlearn_frac in (0, 1], got {r.unlearn} / {r.unlearn_frac}"),
-        (r.unlearn_every >= 0 and r.unlearn_isteps >= 1 and r.unlearn_ref_weight >= 0 and r.unlearn_cap >= 0,
-         "repair.unlearn_every must be >= 0, unlearn_isteps >= 1, unlearn_ref_weight and unlearn_cap >= 0; got "
-         f"{r.unlearn_every} / {r.unlearn_isteps} / {r.unlearn_ref_weight} / {r.unlearn_cap}"),
-        (r.unlearn_every == 0 or r.unlearn > 0, "repair.unlearn_every needs repair.unlearn > 0 (the trigger it "
-         "re-inverts comes from the audit that repair.unlearn runs)"),
+        *_unlearn_checks("repair", r),
         (a.steps_per_class >= 1 and a.batch_size >= 1 and a.classes_per_task >= 1,
          "audit.steps_per_class, batch_size, classes_per_task must be >= 1"),
         (0 < a.eval_frac < 1, f"audit.eval_frac must lie in (0, 1), got {a.eval_frac}"),
@@ -476,13 +483,7 @@ def _validate_defenses(cfg: Config) -> None:
         (c.select in ("last", "agree"), f"cleanse.select must be 'last' or 'agree', got {c.select!r}"),
         (0 <= c.holdout_frac < 1, f"cleanse.holdout_frac must lie in [0, 1), got {c.holdout_frac}"),
         (c.select == "last" or c.holdout_frac > 0, "cleanse.select=agree needs cleanse.holdout_frac > 0"),
-        (c.unlearn >= 0 and 0 < c.unlearn_frac <= 1,
-         f"cleanse.unlearn must be >= 0 and cleanse.unlearn_frac in (0, 1], got {c.unlearn} / {c.unlearn_frac}"),
-        (c.unlearn_every >= 0 and c.unlearn_isteps >= 1 and c.unlearn_ref_weight >= 0 and c.unlearn_cap >= 0,
-         "cleanse.unlearn_every must be >= 0, unlearn_isteps >= 1, unlearn_ref_weight and unlearn_cap >= 0; got "
-         f"{c.unlearn_every} / {c.unlearn_isteps} / {c.unlearn_ref_weight} / {c.unlearn_cap}"),
-        (c.unlearn_every == 0 or c.unlearn > 0, "cleanse.unlearn_every needs cleanse.unlearn > 0 (the trigger it "
-         "re-inverts comes from the audit that cleanse.unlearn runs)"),
+        *_unlearn_checks("cleanse", c),
         (a.max_images >= 0, f"audit.max_images must be >= 0 (0 = all), got {a.max_images}"),
         (act.mode in ("gauss", "quantile"), f"act.mode must be 'gauss' or 'quantile', got {act.mode!r}"),
         (act.pool in ("avg", "max", "avg+max"), f"act.pool must be avg, max or avg+max, got {act.pool!r}"),

@@ -225,10 +225,17 @@ def repair_model(cfg: Config, model_path: str, clean: Sequence[str], out: str) -
         A :class:`FinetuneResult` (``info``: ``held_acc_before/after``, ``steps_done``, ``stopped_early``,
         ``unlearn`` when unlearning).
     """
-    if cfg.repair.unlearn <= 0:
-        return _finetune(cfg, "repair", model_path, clean, out)
-    unlearn, trigger = _audit_for_unlearning(cfg, "repair", model_path, clean, out)
-    res = _finetune(cfg, "repair", model_path, clean, out, unlearn, trigger)
+    return _finetune_unlearning(cfg, "repair", model_path, clean, out)
+
+
+def _finetune_unlearning(cfg: Config, method: str, model_path: str, shards: Sequence[str], out: str
+                         ) -> FinetuneResult:
+    """``method``'s fit, preceded by the unlearning audit when ``<method>.unlearn`` > 0 (its provenance
+    then lands in ``info["unlearn"]``)."""
+    if getattr(cfg, method).unlearn <= 0:
+        return _finetune(cfg, method, model_path, shards, out)
+    unlearn, trigger = _audit_for_unlearning(cfg, method, model_path, shards, out)
+    res = _finetune(cfg, method, model_path, shards, out, unlearn, trigger)
     res.info["unlearn"] = unlearn
     return res
 
@@ -284,12 +291,7 @@ def cleanse_model(cfg: Config, model_path: str, unlabeled: Sequence[str], out: s
         A :class:`FinetuneResult` (``info``: per-epoch ``history``, ``selected_epoch``, ``reinit_share``;
         ``unlearn`` when unlearning).
     """
-    if cfg.cleanse.unlearn <= 0:
-        return _finetune(cfg, "cleanse", model_path, unlabeled, out)
-    unlearn, trigger = _audit_for_unlearning(cfg, "cleanse", model_path, unlabeled, out)
-    res = _finetune(cfg, "cleanse", model_path, unlabeled, out, unlearn, trigger)
-    res.info["unlearn"] = unlearn
-    return res
+    return _finetune_unlearning(cfg, "cleanse", model_path, unlabeled, out)
 
 
 # ------------------------------------------------------------------------------------------ audit
