@@ -47,8 +47,13 @@ class DataConfig:
     std: float = 0.25
     read_cpus: float = 0.25  # fractional CPUs per Ray Data task: avoids the Train/Data 2-CPU deadlock
     score_batch_size: int = 512  # rows per scoring batch (inference only)
-    score_actors: int = 1  # scoring actors per pass (more on a cluster)
-    score_cpus: float = 1.0  # CPUs per scoring actor (threads = max(1, int(score_cpus)))
+    score_actors: int = 1  # model-holding workers per scoring pass (more on a cluster): tasks or actors
+    score_cpus: float = 1.0  # CPUs per scoring worker (threads = max(1, int(score_cpus)))
+    # "tasks" (ctray's default): a task pool whose worker processes keep the pass's model in a per-process
+    # cache; "actors": a fresh Ray Data actor pool per pass. Measured (benchmarks/score_compute.py): an actor
+    # pool costs ~5-8 s of start-up per pass on a 2-core box, a cached task pass of 2,000 images < 1 s, and a
+    # CT run scores D once per round
+    score_compute: str = "tasks"
 
 
 @dataclass
@@ -401,6 +406,11 @@ class Config:
             raise ConfigError(f"data.on_mode must be 'convert' or 'quarantine', got {self.data.on_mode!r}")
         if self.data.on_size not in ("quarantine", "resize"):
             raise ConfigError(f"data.on_size must be 'quarantine' or 'resize', got {self.data.on_size!r}")
+        if self.data.score_compute not in ("tasks", "actors"):
+            raise ConfigError(f"data.score_compute must be 'tasks' or 'actors', got {self.data.score_compute!r}")
+        if self.data.score_actors < 1 or self.data.score_cpus <= 0:
+            raise ConfigError(f"data.score_actors must be >= 1 and data.score_cpus > 0, got "
+                              f"{self.data.score_actors}, {self.data.score_cpus}")
         if self.base.augment not in ("crop-flip", "crop", "none"):
             raise ConfigError(f"base.augment must be crop-flip, crop or none, got {self.base.augment!r}")
         if self.scale.checkpoint_every < 0 or self.scale.max_failures < 0:

@@ -95,6 +95,8 @@ def test_overrides_types_and_indices():
     ("ct.lam=[20]", "needs 6 entries"),
     ("ct.keep_ratio=[2, 1, 1, 1, 1]", r"\(0, 1\]"),
     ("data.on_size=stretch", "on_size"),
+    ("data.score_compute=threads", "score_compute"),
+    ("data.score_actors=0", "score_actors"),
     ("ct.arch=vgg", "not a model"),
     ("ct.lam.9=1", "out of range"),
 ])

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ctray.config import Config
-from ctray.engine.score import Scorer
+from ctray.engine.score import Scorer, map_model
 from ctray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -287,9 +287,7 @@ def run_baselines(cfg: Config, fbase: str, methods: Sequence[str], *, poison_rat
                   seed=cfg.seed)
 
         def entropies(data: Any) -> dict[str, np.ndarray]:
-            out = data.map_batches(_StripScorer, fn_constructor_kwargs=kw, batch_size=dcfg.score_batch_size,
-                                   batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=dcfg.score_actors),
-                                   num_cpus=dcfg.score_cpus)
+            out = map_model(data, _StripScorer, kw, dcfg)
             return collect_scores(out, ("sid", "entropy"))
 
         ed = entropies(d_use)

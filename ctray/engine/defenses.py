@@ -580,13 +580,11 @@ class ActScores:
 
 
 def _act_pass(ds: Any, model_path: str, cfg: Config, op: str, payload: dict[str, Any]) -> Any:
-    import ray.data
+    from ctray.engine.score import map_model
 
-    return ds.map_batches(
-        _ActMapper, fn_constructor_kwargs={"model_path": model_path, "pool": cfg.act.pool,
-                                           "threads": max(1, int(cfg.data.score_cpus)), "op": op, "payload": payload},
-        batch_size=cfg.data.score_batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.data.score_actors), num_cpus=cfg.data.score_cpus)
+    return map_model(ds, _ActMapper, {"model_path": model_path, "pool": cfg.act.pool,
+                                      "threads": max(1, int(cfg.data.score_cpus)), "op": op, "payload": payload},
+                     cfg.data)
 
 
 def _merge_blobs(ds: Any) -> Any:
@@ -798,10 +796,9 @@ def evaluate_purified(model_path: str, test: Sequence[str] | None, triggered: Se
     Returns:
         ``{"plain": {"acc", "asr"}, "purified": {"acc", "asr"}}`` (None where no shards were given).
     """
-    import ray.data
-
     from ctray.data.reader import read_shards
     from ctray.data.shards import expand_shards
+    from ctray.engine.score import map_model
 
     model_path = _abs(model_path)
     spec, C, _ = _model_inputs(model_path)
@@ -812,9 +809,7 @@ def evaluate_purified(model_path: str, test: Sequence[str] | None, triggered: Se
             continue
         ds = read_shards(expand_shards(list(shards)), spec, C, num_cpus=data_cfg.read_cpus)
         ds = ds.map_batches(_ok_meta, batch_format="pyarrow", batch_size=None, num_cpus=data_cfg.read_cpus)
-        r = _collect(ds.map_batches(_ClampPredictor, fn_constructor_kwargs={"model_path": model_path},
-                                    batch_size=data_cfg.score_batch_size, batch_format="numpy",
-                                    compute=ray.data.ActorPoolStrategy(size=1), num_cpus=data_cfg.score_cpus),
+        r = _collect(map_model(ds, _ClampPredictor, {"model_path": model_path}, data_cfg, size=1),
                      ("label", "plain", "clamped", "target"))
         use = np.ones(len(r["label"]), bool) if name == "acc" else (r["target"] >= 0) & (r["label"] != r["target"])
         ref = r["label"] if name == "acc" else r["target"]

@@ -182,16 +182,13 @@ def _meta_target(meta: Any) -> int:
 
 def _predict_shards(model_path: str, shards: Sequence[str], cfg_data: Any, spec: Any, num_classes: int
                     ) -> dict[str, np.ndarray]:
-    import ray.data
-
     from ctray.data.reader import read_shards
     from ctray.data.shards import expand_shards
+    from ctray.engine.score import map_model
 
     ds = read_shards(expand_shards(list(shards)), spec, num_classes, num_cpus=cfg_data.read_cpus)
-    out = ds.map_batches(_Predictor, fn_constructor_kwargs={"model_path": model_path,
-                                                            "threads": max(1, int(cfg_data.score_cpus))},
-                         batch_size=cfg_data.score_batch_size, batch_format="numpy",
-                         compute=ray.data.ActorPoolStrategy(size=cfg_data.score_actors), num_cpus=cfg_data.score_cpus)
+    out = map_model(ds, _Predictor, {"model_path": model_path, "threads": max(1, int(cfg_data.score_cpus))},
+                    cfg_data)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("label", "pred", "target", "ok", "sample")}
     for b in out.iter_batches(batch_size=8192, batch_format="numpy"):
         for k in cols:

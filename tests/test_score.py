@@ -1,0 +1,52 @@
+"""Scoring compute (``data.score_compute``): the task pool with a per-process model cache and the actor
+pool give the same per-sample scores, and the cache never serves a stale model. Real local Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ctray.config import load_config
+from ctray.engine.score import collect_scores, score_dataset
+from ctray.models import build_model
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+N, C, H = 300, 4, 28
+
+
+def _data():
+    import ray.data
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(N, H, H, 1), dtype=np.uint8)
+    labels = rng.integers(0, C, size=N)
+    # 3 blocks, so a pass runs several tasks (or batches through one actor)
+    return ray.data.from_items([{"sid": i, "image": images[i], "label": int(labels[i])} for i in range(N)],
+                               override_num_blocks=3).materialize()
+
+
+def _save(d, seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.save(build_model("small-cnn", 1, C, H).state_dict(), str(d / "confused.pt"))
+
+
+def _scores(ds, d, compute: str) -> dict[str, np.ndarray]:
+    cfg = load_config("smoke", {"data.score_compute": compute, "data.score_batch_size": 64})
+    out = collect_scores(score_dataset(ds, str(d), "confused.pt", "small-cnn", 1, C, H, cfg.data))
+    order = np.argsort(out["sid"])
+    return {k: v[order] for k, v in out.items()}
+
+
+def test_tasks_and_actors_score_alike_and_the_cache_never_serves_a_stale_model(tmp_path):
+    ds = _data()
+    _save(tmp_path, 0)
+    tasks, actors = _scores(ds, tmp_path, "tasks"), _scores(ds, tmp_path, "actors")
+    assert (tasks["sid"] == np.arange(N)).all() and (actors["sid"] == np.arange(N)).all()
+    assert np.allclose(tasks["loss"], actors["loss"], atol=1e-6) and (tasks["pred"] == actors["pred"]).all()
+    # other weights at the same path: the next task pass must load them (the cache is per pass)
+    _save(tmp_path, 1)
+    again = _scores(ds, tmp_path, "tasks")
+    assert not np.allclose(again["loss"], tasks["loss"], atol=1e-3)
+    assert np.allclose(again["loss"], _scores(ds, tmp_path, "actors")["loss"], atol=1e-6)
