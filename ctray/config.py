@@ -50,10 +50,15 @@ class DataConfig:
     score_actors: int = 1  # model-holding workers per scoring pass (more on a cluster): tasks or actors
     score_cpus: float = 1.0  # CPUs per scoring worker (threads = max(1, int(score_cpus)))
     # "tasks" (ctray's default): a task pool whose worker processes keep the pass's model in a per-process
-    # cache; "actors": a fresh Ray Data actor pool per pass. Measured (benchmarks/score_compute.py): an actor
+    # cache; "actors": a fresh Ray Data actor pool per pass. Measured (python -m ctray.benchmarks.ct): an actor
     # pool costs ~5-8 s of start-up per pass on a 2-core box, a cached task pass of 2,000 images < 1 s, and a
     # CT run scores D once per round
     score_compute: str = "tasks"
+
+
+#: ``data.*`` keys that set how a run uses the machine, never what it computes: run fingerprints (resume,
+#: bench cells) ignore them and a sweep's best.yaml leaves them out.
+DATA_RESOURCE_KEYS = ("read_cpus", "score_batch_size", "score_actors", "score_cpus", "score_compute")
 
 
 @dataclass

@@ -103,12 +103,15 @@ def _check_accounting(out: str, n_expected: int, rounds: int = 6) -> None:
         assert os.path.exists(f"{out}/{f}"), f
 
 
-def _corrupt_copy(src: str, dst) -> str:
-    """Copy a data set and damage it: one undecodable image in the last shard, plus a non-tar "shard"."""
+def _corrupt_copy(src: str, dst, keep: int) -> str:
+    """Copy a data set with its first ``keep`` train shards and damage it: one undecodable image in the last
+    shard kept, plus a non-tar "shard"."""
     import io
     import shutil
 
     shutil.copytree(src, dst)
+    for extra in sorted(dst.glob("train-*.tar"))[keep:]:
+        extra.unlink()
     last = sorted(dst.glob("train-*.tar"))[-1]
     with tarfile.open(last) as tf:
         members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
@@ -185,21 +188,22 @@ def test_detects_badnet_one_real_worker(fm_badnet, tmp_path):
 def test_bad_input_is_quarantined_and_every_sample_accounted(fm_badnet, tmp_path):
     """A corrupt image and a non-tar shard: quarantined with reasons; every sample read is in
     scores.parquet or quarantine.parquet exactly once. (A minimal schedule: this checks accounting,
-    not detection.)"""
-    data = _corrupt_copy(fm_badnet, tmp_path / "data")
+    not detection: 2 of the 4 shards keep it short.)"""
+    data = _corrupt_copy(fm_badnet, tmp_path / "data", keep=2)
+    n = 2 * N_TRAIN // 4
     out = str(tmp_path / "run")
     quick = {"ct.iters": [10] * 6, "ct.pretrain_epochs": [1] * 6, "base.epochs": 1, "base.milestones": [1]}
     res = detect(_cfg(data, out, **quick))
-    assert res.n_quarantined == 1 and res.n_usable == N_TRAIN - 1 and res.n_read == N_TRAIN
-    _check_accounting(out, N_TRAIN)
+    assert res.n_quarantined == 1 and res.n_usable == n - 1 and res.n_read == n
+    _check_accounting(out, n)
     q = pq.read_table(f"{out}/quarantine.parquet").to_pandas()
     assert q[q.level == "shard"]["shard"].tolist() == ["train-999999.tar"]
     assert q[q.level == "shard"]["reason"].str.startswith("not a readable tar").all()
     assert q[q.level == "sample"]["reason"].str.startswith("image does not decode").all()
     shards = pq.read_table(f"{out}/shards.parquet").to_pandas()
-    assert shards["samples"].sum() == N_TRAIN and shards["quarantined"].sum() == 1
+    assert shards["samples"].sum() == n and shards["quarantined"].sum() == 1
     run = json.load(open(f"{out}/run.json"))
-    assert run["counts"]["read"] == run["counts"]["usable"] + run["counts"]["quarantined"] == N_TRAIN
+    assert run["counts"]["read"] == run["counts"]["usable"] + run["counts"]["quarantined"] == n
 
 
 @pytest.mark.slow
@@ -262,7 +266,10 @@ def test_resume_after_kill(fm_badnet, tmp_path):
     checks resumption; detection itself is asserted by the worker test above."""
     out = str(tmp_path / "run")
     quick = [f"{k}={json.dumps(v)}" for k, v in QUICK4.items()]
-    cmd = [sys.executable, "-m", "ctray.cli", "detect", "--train", f"{fm_badnet}/train-*.tar", "--clean",
+    # one shard of the four (1,000 samples): resumption does not depend on the size, and three runs of it
+    # must fit the fast suite's budget
+    one = f"{fm_badnet}/train-000000.tar"
+    cmd = [sys.executable, "-m", "ctray.cli", "detect", "--train", one, "--clean",
            f"{fm_badnet}/clean-*.tar", "--out", out, "--preset", "smoke", "scale.num_workers=0", *quick]
     env = dict(os.environ, RAY_ADDRESS="", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS")
@@ -285,13 +292,13 @@ def test_resume_after_kill(fm_badnet, tmp_path):
     done_before = len(json.load(open(state))["rounds"])
     assert 2 <= done_before <= 3, done_before  # killed mid-run, not after the end
     ckpts_before = [r["ckpt"] for r in json.load(open(state))["rounds"]]
-    res = detect(_cfg(fm_badnet, out, truth=True, **QUICK4))
+    res = detect(_cfg(fm_badnet, out, truth=False, **{"io.train": [one], **QUICK4}))
     st = json.load(open(state))
     assert [r["ckpt"] for r in st["rounds"][:done_before]] == ckpts_before  # earlier rounds were not redone
     assert len(st["rounds"]) == 4
-    _check_accounting(out, N_TRAIN, rounds=4)
+    _check_accounting(out, N_TRAIN // 4, rounds=4)
     # the same run without the kill: local mode on CPU is deterministic, so resuming changes nothing
-    ref = detect(_cfg(fm_badnet, str(tmp_path / "ref"), truth=True, **QUICK4))
+    ref = detect(_cfg(fm_badnet, str(tmp_path / "ref"), truth=False, **{"io.train": [one], **QUICK4}))
     a = pq.read_table(f"{out}/scores.parquet").to_pandas().sort_values(["shard", "key"]).reset_index(drop=True)
     b = pq.read_table(f"{ref.run_dir}/scores.parquet").to_pandas().sort_values(["shard", "key"]).reset_index(drop=True)
     for c in [f"round_loss_{r}" for r in range(4)]:
@@ -308,6 +315,19 @@ def test_resume_refuses_other_config(fm_badnet, tmp_path):
     (out / "state.json").write_text(json.dumps({"fingerprint": "something-else", "rounds": []}))
     with pytest.raises(ConfigError, match="another config"):
         detect(_cfg(fm_badnet, str(out)))
+
+
+def test_resume_fingerprint_ignores_machine_resources_only():
+    """A run may resume with more scoring workers or another scoring compute, never with other data
+    normalisation (that changes every score)."""
+    from ctray.engine.detect import _fingerprint
+
+    def fp(**ov):
+        return _fingerprint(load_config("smoke", ov), ["a.tar"], ["c.tar"])
+
+    assert fp() == fp(**{"data.score_actors": 8, "data.score_compute": "actors", "data.read_cpus": 1.0,
+                         "scale.num_workers": 2})
+    assert fp() != fp(**{"data.mean": 0.4}) and fp() != fp(**{"ct.lam.0": 21})
 
 
 def test_cli_detect_usage_errors(tmp_path, capsys):

@@ -13,7 +13,10 @@
    (another run, a test suite) the scoring actors and Data tasks get the leftovers of the CPU, and a pass
    can take 10-40x its quiet time (measured: one 10k pass 4.7 s quiet, 112 s beside a training process at
    nice 0, with the same 2.8 s of CPU). So the script prints the load average; quote figures from a quiet run.
-3. ``--mem``: driver peak RSS of a detect run at N and 10 N samples (real worker processes, so training
+3. Scoring compute (``data.score_compute``): the last round's checkpoint over all N samples, 3 passes
+   each on a task pool with the per-process model cache (the default) and on a fresh actor pool per pass
+   (Ray Data's pattern for a model-holding class), median wall time of each and their ratio.
+4. ``--mem``: driver peak RSS of a detect run at N and 10 N samples (real worker processes, so training
    memory is in the workers; the driver should hold per-sample scalars only).
 """
 
@@ -71,6 +74,26 @@ def _bare_scoring(data: str, ckpt_dir: str, arch: str, n_cls: int, mean: float, 
     for i in range(0, len(labels), 256):
         score_batch(m, to_input(imgs[i:i + 256], mean, std), labels[i:i + 256])
     return len(labels) / (time.perf_counter() - t), len(labels)
+
+
+def _score_compute(data: str, ckpt_dir: str, arch: str, n_cls: int, passes: int = 3) -> dict[str, float]:
+    """Median wall seconds of a full scoring pass per ``data.score_compute`` (ray must be initialised)."""
+    from ctray.config import load_config
+    from ctray.data.reader import read_shards, usable
+    from ctray.data.shards import ImageSpec, expand_shards
+    from ctray.engine.score import collect_scores, score_dataset
+
+    ds = usable(read_shards(expand_shards(f"{data}/train-*.tar"), ImageSpec(28, 28, 1), n_cls)).materialize()
+    med = {}
+    for compute in ("tasks", "actors"):
+        dcfg = load_config("smoke", {"data.score_compute": compute}).data
+        times = []
+        for _ in range(passes):
+            t = time.perf_counter()
+            collect_scores(score_dataset(ds, ckpt_dir, "confused.pt", arch, 1, n_cls, 28, dcfg))
+            times.append(time.perf_counter() - t)
+        med[compute] = sorted(times)[len(times) // 2]
+    return med
 
 
 def _mem_child(n: int, root: str) -> None:
@@ -147,6 +170,9 @@ def main() -> int:
           f"(ratio {n / med / bare_ips:.2f}), fastest {passes[0]:.1f}s = {n / passes[0]:.0f} img/s "
           f"(ratio {n / passes[0] / bare_ips:.2f})")
     print(f"Ray overhead share (fit overhead + scoring beyond bare): {over:.1f}s = {100 * over / total:.1f}%")
+    sc = _score_compute(data, last, arch, 10)
+    print(f"scoring compute, median of 3 passes over {n}: tasks (cached model) {sc['tasks']:.1f}s, actors (new pool "
+          f"per pass) {sc['actors']:.1f}s: actors/tasks {sc['actors'] / sc['tasks']:.1f}x")
     if a.mem:
         for n_mem in (a.n, 10 * a.n):
             r = subprocess.run([sys.executable, "-m", "ctray.benchmarks.ct", "--mem-child", str(n_mem), "--root", a.root],

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ctray import io as cio
-from ctray.config import Config, load_config
+from ctray.config import DATA_RESOURCE_KEYS, Config, load_config
 from ctray.engine.baselines import METHODS as BASELINE_METHODS
 from ctray.errors import ConfigError, DataError
 
@@ -100,7 +100,6 @@ def _cell_config(cell: dict[str, Any], settings: dict[str, Any]) -> Config:
 
 
 _RESULT_SECTIONS = ("seed", "data", "base", "ct", "decide", "bench", "act")
-_RESOURCE_KEYS = ("read_cpus", "score_batch_size", "score_actors", "score_cpus")
 
 
 def _fingerprint(cfg: Config, cell: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -109,7 +108,7 @@ def _fingerprint(cfg: Config, cell: dict[str, Any], settings: dict[str, Any]) ->
     # not make a finished grid unresumable
     d = {k: full[k] for k in _RESULT_SECTIONS if k in full}
     d["io"] = {"train": cfg.io.train, "clean": cfg.io.clean, "truth": cfg.io.truth}
-    d["data"] = {k: v for k, v in d["data"].items() if k not in _RESOURCE_KEYS}
+    d["data"] = {k: v for k, v in d["data"].items() if k not in DATA_RESOURCE_KEYS}
     d["bench"] = {k: v for k, v in d["bench"].items() if k not in ("parallel", "cell_cpus")}
     blob = json.dumps({"cfg": d, "poison": cell.get("poison"), "test": cell.get("test"),
                        "triggered": cell.get("triggered")}, sort_keys=True, default=str)

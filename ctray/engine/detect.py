@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from ctray import io as cio
 from ctray._version import __version__
-from ctray.config import Config, load_config
+from ctray.config import DATA_RESOURCE_KEYS, Config, load_config
 from ctray.errors import ConfigError, DataError, RunDirMismatchError
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ def _fingerprint(cfg: Config, train: list[str], clean: list[str]) -> str:
     d.pop("sweep", None)  # tuning knobs and the shard tables' settings do not change what a round computes
     d.pop("aggregate", None)
     d["scale"] = {}  # the worker layout may change between attempts without changing the result's meaning
+    d["data"] = {k: v for k, v in d["data"].items() if k not in DATA_RESOURCE_KEYS}  # as may the scoring resources
     blob = json.dumps({"cfg": d, "train": train, "clean": clean}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

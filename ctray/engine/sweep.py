@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from ctray.config import Config, load_config, parse_overrides
+from ctray.config import DATA_RESOURCE_KEYS, Config, load_config, parse_overrides
 from ctray.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
 _KINDS = ("uniform", "loguniform", "choice", "randint")
 #: Keys the sweep sets for its own machinery: never copied into best.yaml.
 _MACHINE_PREFIXES = ("io.", "sweep.", "canary.", "scale.")
-_MACHINE_KEYS = ("data.score_cpus", "data.read_cpus", "data.score_actors")
+_MACHINE_KEYS = tuple(f"data.{k}" for k in DATA_RESOURCE_KEYS)
 
 
 @dataclass
