@@ -166,7 +166,7 @@ def main() -> int:
     print(f"Train fit overhead (fit wall - loop phases): {fit_over:.1f}s = {100 * fit_over / total:.1f}% of the run")
     print(f"scoring: Ray Data {ray_ips:.0f} img/s over all passes incl. the final one's features, PCA and "
           f"aggregation; bare torch loop {bare_ips:.0f} img/s (1 thread, pre-decoded): ratio {ray_ips / bare_ips:.2f}")
-    print(f"scoring, per-round loss pass (incl. actor start-up): median {med:.1f}s = {n / med:.0f} img/s "
+    print(f"scoring, per-round loss pass (incl. its start-up): median {med:.1f}s = {n / med:.0f} img/s "
           f"(ratio {n / med / bare_ips:.2f}), fastest {passes[0]:.1f}s = {n / passes[0]:.0f} img/s "
           f"(ratio {n / passes[0] / bare_ips:.2f})")
     print(f"Ray overhead share (fit overhead + scoring beyond bare): {over:.1f}s = {100 * over / total:.1f}%")
