@@ -50,3 +50,30 @@ def test_tasks_and_actors_score_alike_and_the_cache_never_serves_a_stale_model(t
     again = _scores(ds, tmp_path, "tasks")
     assert not np.allclose(again["loss"], tasks["loss"], atol=1e-3)
     assert np.allclose(again["loss"], _scores(ds, tmp_path, "actors")["loss"], atol=1e-6)
+
+
+def test_the_process_cache_builds_once_per_pass_and_keeps_a_bounded_number_of_passes():
+    """The task-side cache without Ray: one instance per pass token, interleaved passes keep theirs,
+    and the oldest pass is evicted beyond the bound."""
+    from ctray.engine import score
+
+    built: list[int] = []
+
+    class Model:
+        def __init__(self, tag: int):
+            built.append(tag)
+            self.tag = tag
+
+        def __call__(self, batch):
+            return {"tag": np.full(len(batch["x"]), self.tag)}
+
+    score._PROCESS_CACHE.clear()
+    b = {"x": np.zeros(3)}
+    for _ in range(2):  # two interleaved passes, two batches each: two builds
+        for t in (1, 2):
+            assert (score._cached_call(b, Model, {"tag": t}, f"pass-{t}")["tag"] == t).all()
+    assert built == [1, 2]
+    for t in range(3, 3 + score._CACHE_PASSES):
+        score._cached_call(b, Model, {"tag": t}, f"pass-{t}")
+    assert len(score._PROCESS_CACHE) == score._CACHE_PASSES and "pass-1" not in score._PROCESS_CACHE
+    score._PROCESS_CACHE.clear()

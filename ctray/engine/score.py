@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-# One model-holding callable per worker process, for the task-pool compute of map_model: the last pass's
-# instance only (a new pass evicts it), so a long-lived worker keeps at most one model.
-_PROCESS_CACHE: dict[str, Any] = {}
+# Model-holding callables per worker process, for the task-pool compute of map_model, by pass token: the
+# most recent _CACHE_PASSES passes only, so a long-lived worker keeps a bounded number of models, and passes
+# that interleave in one process (concurrent sweep trials, STRIP's two passes) do not evict each other.
+_PROCESS_CACHE: OrderedDict[str, Any] = OrderedDict()
+_CACHE_PASSES = 4
 
 
 def _cached_call(batch: dict[str, np.ndarray], cls: type, kwargs: dict[str, Any], token: str) -> Any:
@@ -28,8 +31,11 @@ def _cached_call(batch: dict[str, np.ndarray], cls: type, kwargs: dict[str, Any]
     checkpoint re-written at the same path is never served from the cache."""
     inst = _PROCESS_CACHE.get(token)
     if inst is None:
-        _PROCESS_CACHE.clear()
         inst = _PROCESS_CACHE[token] = cls(**kwargs)
+        while len(_PROCESS_CACHE) > _CACHE_PASSES:
+            _PROCESS_CACHE.popitem(last=False)
+    else:
+        _PROCESS_CACHE.move_to_end(token)
     return inst(batch)
 
 
