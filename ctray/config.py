@@ -164,10 +164,10 @@ class BenchConfig:
     scan_dim: int = 32
     scan_threshold: float = math.exp(2.0)  # anomaly index above which a class is cleansed (Tang et al.: e^2)
     # grid cells (attacks) run at once as Ray tasks; 0 = auto: the cluster's CPUs divided by what one cell
-    # needs (cell_cpus + a scoring actor + a read task), at least 1. 1 runs the cells in the driver
+    # needs (cell_cpus + a scoring task + a read task), at least 1. 1 runs the cells in the driver
     parallel: int = 0
     # CPUs one cell task holds: it runs local-mode training in its own process; fractional so the
-    # cell's own Ray Data ops (score actor, read tasks) still fit beside it on a 2-CPU machine
+    # cell's own Ray Data ops (scoring and read tasks) still fit beside it on a 2-CPU machine
     cell_cpus: float = 0.5
 
 

@@ -10,7 +10,7 @@
    same decoded tensors with the same checkpoint, one run, as a ratio: the median of the per-round passes
    (each includes its actor's start-up) and the fastest one.
    Ray starts its worker processes at nice 15 (``RAY_worker_niceness``): beside any other busy process
-   (another run, a test suite) the scoring actors and Data tasks get the leftovers of the CPU, and a pass
+   (another run, a test suite) the scoring and other Data tasks get the leftovers of the CPU, and a pass
    can take 10-40x its quiet time (measured: one 10k pass 4.7 s quiet, 112 s beside a training process at
    nice 0, with the same 2.8 s of CPU). So the script prints the load average; quote figures from a quiet run.
 3. Scoring compute (``data.score_compute``): the last round's checkpoint over all N samples, 3 passes

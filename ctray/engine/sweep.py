@@ -199,7 +199,7 @@ def plan_resources(cfg: Config, user_keys: set[str], baseline: bool) -> tuple[in
 
     Defaults (each only when the user did not set the key): local-mode training
     (``scale.num_workers=0``), ``torch_threads`` = CPUs / concurrent runs, and Data ops (read,
-    scoring actors) at 45% of the CPUs left per run (an actor and a task of every run fit at once) after the trials' and tasks' shares, so Data can
+    scoring tasks) at 45% of the CPUs left per run (a scoring and a read task of every run fit at once) after the trials' and tasks' shares, so Data can
     always run beside the training (the 2-CPU deadlock, ray-notes §5.1).
     """
     import ray
@@ -216,7 +216,7 @@ def plan_resources(cfg: Config, user_keys: set[str], baseline: bool) -> tuple[in
         ov["scale.torch_threads"] = max(1, int(min(float(os.cpu_count() or 1), cpus) // runs))
     task_cpus = sw.trial_cpus if local else 0.01
     share = max(0.05, (cpus - runs * (task_cpus + 0.01)) / runs)
-    # a run's scoring actor and one upstream task must fit at the same time in EVERY run, or each run's
+    # a run's scoring task and one upstream task must fit at the same time in EVERY run, or each run's
     # actor holds the last CPU share while its own read/usable tasks wait (measured: 2 trials + the
     # baseline on 2 CPUs hung with 0.9 * share per op); hence half of the share per op
     for key, cur in (("data.score_cpus", cfg.data.score_cpus), ("data.read_cpus", cfg.data.read_cpus)):
