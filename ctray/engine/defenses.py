@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from ctray import io as cio
 from ctray.config import Config
+from ctray.engine.score import collect_scores, map_model
 from ctray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -580,7 +581,6 @@ class ActScores:
 
 
 def _act_pass(ds: Any, model_path: str, cfg: Config, op: str, payload: dict[str, Any]) -> Any:
-    from ctray.engine.score import map_model
 
     return map_model(ds, _ActMapper, {"model_path": model_path, "pool": cfg.act.pool,
                                       "threads": max(1, int(cfg.data.score_cpus)), "op": op, "payload": payload},
@@ -594,14 +594,6 @@ def _merge_blobs(ds: Any) -> Any:
             part = pickle.loads(blob)
             total = part if total is None else total.merge(part)
     return total
-
-
-def _collect(ds: Any, cols: tuple[str, ...]) -> dict[str, np.ndarray]:
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in cols}
-    for b in ds.iter_batches(batch_size=8192, batch_format="numpy"):
-        for c in cols:
-            parts[c].append(np.asarray(b[c]))
-    return {c: (np.concatenate(v) if v else np.empty(0)) for c, v in parts.items()}
 
 
 def fit_act_intervals(model_path: str, clean_shards: Sequence[str], cfg: Config) -> dict[str, Any]:
@@ -632,7 +624,7 @@ def fit_act_intervals(model_path: str, clean_shards: Sequence[str], cfg: Config)
                                                                        "split_seed": a.split_seed}))
         lo, hi = intervals_quantile(hist, a.alpha)
     active = ~constant_neurons(mom, a.sigma_floor) if a.drop_constant else np.ones(width, bool)
-    sc = _collect(_act_pass(clean, model_path, cfg, "score", {"lo": lo, "hi": hi, "active": active}), ("sid", "score"))
+    sc = collect_scores(_act_pass(clean, model_path, cfg, "score", {"lo": lo, "hi": hi, "active": active}), ("sid", "score"))
     b = ~hash_split(sc["sid"].astype(np.int64), 0.5, a.split_seed)
     if not b.any():
         raise DataError("no trusted sample falls in calibration half B: give more trusted samples")
@@ -674,7 +666,7 @@ def activation_scores(model_path: str, shards: Sequence[str], clean_shards: Sequ
     model_path = _abs(model_path)
     fit = fit_act_intervals(model_path, clean_shards, cfg)
     ds, paths = _read(shards, model_path, cfg, "scored")
-    sc = _collect(_act_pass(ds, model_path, cfg, "score", {k: fit[k] for k in ("lo", "hi", "active")}),
+    sc = collect_scores(_act_pass(ds, model_path, cfg, "score", {k: fit[k] for k in ("lo", "hi", "active")}),
                   ("shard", "key", "label", "score"))
     order = np.lexsort((sc["key"].astype(str), sc["shard"].astype(str)))
     score = sc["score"][order].astype(np.float64)
@@ -798,7 +790,6 @@ def evaluate_purified(model_path: str, test: Sequence[str] | None, triggered: Se
     """
     from ctray.data.reader import read_shards
     from ctray.data.shards import expand_shards
-    from ctray.engine.score import map_model
 
     model_path = _abs(model_path)
     spec, C, _ = _model_inputs(model_path)
@@ -809,7 +800,7 @@ def evaluate_purified(model_path: str, test: Sequence[str] | None, triggered: Se
             continue
         ds = read_shards(expand_shards(list(shards)), spec, C, num_cpus=data_cfg.read_cpus)
         ds = ds.map_batches(_ok_meta, batch_format="pyarrow", batch_size=None, num_cpus=data_cfg.read_cpus)
-        r = _collect(map_model(ds, _ClampPredictor, {"model_path": model_path}, data_cfg, size=1),
+        r = collect_scores(map_model(ds, _ClampPredictor, {"model_path": model_path}, data_cfg, size=1),
                      ("label", "plain", "clamped", "target"))
         use = np.ones(len(r["label"]), bool) if name == "acc" else (r["target"] >= 0) & (r["label"] != r["target"])
         ref = r["label"] if name == "acc" else r["target"]

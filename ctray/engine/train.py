@@ -184,16 +184,12 @@ def _predict_shards(model_path: str, shards: Sequence[str], cfg_data: Any, spec:
                     ) -> dict[str, np.ndarray]:
     from ctray.data.reader import read_shards
     from ctray.data.shards import expand_shards
-    from ctray.engine.score import map_model
+    from ctray.engine.score import collect_scores, map_model
 
     ds = read_shards(expand_shards(list(shards)), spec, num_classes, num_cpus=cfg_data.read_cpus)
     out = map_model(ds, _Predictor, {"model_path": model_path, "threads": max(1, int(cfg_data.score_cpus))},
                     cfg_data)
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("label", "pred", "target", "ok", "sample")}
-    for b in out.iter_batches(batch_size=8192, batch_format="numpy"):
-        for k in cols:
-            cols[k].append(b[k])
-    return {k: (np.concatenate(v) if v else np.empty(0)) for k, v in cols.items()}
+    return collect_scores(out, ("label", "pred", "target", "ok", "sample"))
 
 
 def evaluate(model_path: str, test: Sequence[str] | None = None, triggered: Sequence[str] | None = None,
