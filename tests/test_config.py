@@ -52,6 +52,15 @@ def test_reference_preset_keeps_the_published_bcu():
         load_config("small", {"cleanse.unlearn": -1}).validate()
 
 
+def test_defenses_follow_the_models_augmentation_except_in_the_reference_preset():
+    """augment=auto (ctray's) resolves per checkpoint; the faithful preset keeps the reference's crop-flip."""
+    for name in ("small", "smoke"):
+        c = load_config(name)
+        assert (c.repair.augment, c.cleanse.augment, c.repair.kd) == ("auto", "auto", 0.0)
+    ref = load_config("reference-cifar")
+    assert (ref.repair.augment, ref.cleanse.augment) == ("crop-flip", "crop-flip")
+
+
 def test_repair_reinversion_needs_the_unlearning_audit():
     assert load_config("small").repair.unlearn_every == 0  # experimental, off
     load_config("small", {"repair.unlearn": 1, "repair.unlearn_every": 100}).validate()
@@ -97,6 +106,9 @@ def test_overrides_types_and_indices():
     ("data.on_size=stretch", "on_size"),
     ("data.score_compute=threads", "score_compute"),
     ("data.score_actors=0", "score_actors"),
+    ("repair.augment=flip", "repair.augment must be auto, crop-flip, crop or none"),
+    ("repair.kd=-1", "repair.kd must be >= 0"),
+    ("repair.kd_t=0", "repair.kd_t > 0"),
     ("ct.arch=vgg", "not a model"),
     ("ct.lam.9=1", "out of range"),
 ])

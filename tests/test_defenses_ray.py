@@ -75,6 +75,12 @@ def test_repair_brings_asr_down_and_keeps_accuracy(models, repaired, capsys):
     info = repaired["info"]
     assert info["n_fit"] + info["n_held"] == 400 and info["n_held"] > 0  # the held-out split is never trained on
     assert info["held_acc_after"] is not None and not info["stopped_early"] and info["steps_done"] == 300
+    # augment=auto: ctray train recorded the smoke recipe's crop; the repair used it and passes it on
+    from ctray.models.checkpoint import read_checkpoint
+
+    assert read_checkpoint(models["bd"])["extra"]["augment"] == "crop"
+    extra = read_checkpoint(repaired["ckpt"])["extra"]
+    assert extra["augment"] == "crop" and extra["config"]["augment"] == "crop"
     after = _evaluate(capsys, repaired["ckpt"], d)
     # tiny data (a 2,000-sample model, ~360 trusted images to fit): tuning runs gave ASR 0.24-0.42 at -5
     # points; docs/defenses.md has the 10k figures against the issue's < 10% / <= 3 points target

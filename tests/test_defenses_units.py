@@ -87,6 +87,33 @@ def test_pt_loss_combines_terms_and_label_free_variant_uses_pivot_softmax():
     assert free["task"] == pytest.approx(soft.item(), rel=1e-5)
 
 
+def test_pt_loss_kd_distils_from_the_pivot_and_is_off_at_zero():
+    """repair.kd (ctray's): kd * T^2 * KL(pivot_T || f_T) joins the labelled CE; zero when f answers as the
+    pivot does, positive otherwise, and its gradient moves f's logits toward the pivot's."""
+    torch.manual_seed(2)
+    m = build_model("small-cnn", 1, 3, 12)
+    theta0 = pivot_params(m)
+    x, y = torch.randn(8, 1, 12, 12), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    z = m.features(x)
+    logits = m.head(z)
+    off, p_off = pt_loss(logits, z, logits.detach(), z.detach(), y, m, theta0, 0.0, 0.0, True)
+    same, p_same = pt_loss(logits, z, logits.detach(), z.detach(), y, m, theta0, 0.0, 0.0, True, kd=1.0)
+    assert "kd" not in p_off and p_same["kd"] == pytest.approx(0.0, abs=1e-6)
+    assert same.item() == pytest.approx(off.item(), rel=1e-6)
+    pivot_logits = torch.randn(8, 3) * 3
+    f = logits.detach().clone().requires_grad_(True)
+    loss, parts = pt_loss(f, z, pivot_logits, z.detach(), y, m, theta0, 0.0, 0.0, True, kd=2.0, kd_t=4.0)
+    p0, pf = (pivot_logits / 4).softmax(1), (f.detach() / 4).softmax(1)
+    kl = (p0 * (p0.log() - pf.log())).sum(1).mean()
+    assert parts["kd"] == pytest.approx(kl.item(), rel=1e-4) and parts["kd"] > 0
+    assert loss.item() == pytest.approx(F.cross_entropy(f.detach(), y).item() + 2.0 * 16 * kl.item(), rel=1e-4)
+    # the kd part alone: one small step along its gradient lowers the KL to the pivot
+    g, = torch.autograd.grad(loss - F.cross_entropy(f, y), f)
+    f2 = f.detach() - 0.05 * g
+    kl2 = (p0 * (p0.log() - (f2 / 4).log_softmax(1))).sum(1).mean()
+    assert kl2.item() < kl.item()
+
+
 # ------------------------------------------------------------------------------------------------ BCU
 
 
@@ -392,3 +419,27 @@ def test_cleanse_unlearning_keeps_the_backdoor_from_being_distilled_back():
     assert out["plain"][1] >= 0.5, out  # distillation on clean images teaches the backdoor back
     assert out["unlearn"][1] <= 0.1 and out["re-inverted"][1] <= 0.1, out
     assert out["unlearn"][0] >= 0.95 and out["re-inverted"][0] >= 0.95, out
+
+
+# ------------------------------------------------------------------------------ augment=auto
+
+
+def test_auto_augment_follows_the_checkpoints_record_and_warns_without_one(tmp_path, caplog):
+    """repair.augment / cleanse.augment = auto: a checkpoint that records its training augmentation (ctray
+    train writes base.augment) gets the same; one that records none gets crop-flip and a warning; an
+    explicit mode is never overridden."""
+    import logging
+
+    from ctray.engine.defenses import resolve_augment
+    from ctray.models.checkpoint import ModelSpec, save_model
+
+    m = build_model("small-cnn", 1, 10, 28)
+    spec = ModelSpec("small-cnn", 1, 10, 28)
+    for rec in ("none", "crop", "crop-flip"):
+        save_model(str(tmp_path / f"{rec}.pt"), m, spec, {"augment": rec})
+        assert resolve_augment("auto", str(tmp_path / f"{rec}.pt")) == rec
+        assert resolve_augment("crop", str(tmp_path / f"{rec}.pt")) == "crop"
+    save_model(str(tmp_path / "bare.pt"), m, spec, {"trained_by": "elsewhere"})
+    with caplog.at_level(logging.WARNING, logger="ctray.engine.defenses"):
+        assert resolve_augment("auto", str(tmp_path / "bare.pt")) == "crop-flip"
+    assert "records no training augmentation" in caplog.text and "bare.pt" in caplog.text

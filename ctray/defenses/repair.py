@@ -97,7 +97,8 @@ def param_loss(model: nn.Module, theta0: list[torch.Tensor]) -> torch.Tensor:
 
 def pt_loss(logits: torch.Tensor, z: torch.Tensor, logits0: torch.Tensor, z0: torch.Tensor, y: torch.Tensor,
             model: nn.Module, theta0: list[torch.Tensor], lam_slol: float, lam_param: float, use_labels: bool,
-            offdiag: bool = True, y_feat: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+            offdiag: bool = True, y_feat: torch.Tensor | None = None, kd: float = 0.0, kd_t: float = 4.0
+            ) -> tuple[torch.Tensor, dict[str, float]]:
     """The Pivotal Tuning loss of one batch and its parts (for logging).
 
     Args:
@@ -107,12 +108,22 @@ def pt_loss(logits: torch.Tensor, z: torch.Tensor, logits0: torch.Tensor, z0: to
         model: f (unwrapped), for L_param; theta0: :func:`pivot_params` of the pivot.
         y_feat: class of each row of ``z`` / ``z0`` for SLOL when those rows differ from the batch's (rows
             all-gathered from every worker, or the pivot's predictions in the label-free variant); default ``y``.
+        kd, kd_t: ctray's extension (0 = the paper's PT): with labels, add ``kd * kd_t**2 *
+            KL(softmax(logits0 / kd_t) || softmax(logits / kd_t))``, Hinton distillation from the pivot on
+            the same clean batch, so the tuning keeps the pivot's answers on clean images, not only the
+            labels (the ``kd`` part, in nats). Without labels the task is already the pivot's softmax.
     """
+    parts: dict[str, float] = {}
     if use_labels:
         task = F.cross_entropy(logits, y)
+        if kd > 0:
+            kl = F.kl_div((logits / kd_t).log_softmax(1), (logits0.detach() / kd_t).log_softmax(1),
+                          reduction="batchmean", log_target=True)
+            task = task + kd * kd_t ** 2 * kl
+            parts["kd"] = float(kl.detach())
     else:
         task = -(logits0.detach().softmax(1) * logits.log_softmax(1)).sum(1).mean()
     sl = slol_loss(z, z0, y if y_feat is None else y_feat, offdiag) if lam_slol else logits.sum() * 0.0
     pl = param_loss(model, theta0) if lam_param else logits.sum() * 0.0
     loss = task + lam_slol * sl + lam_param * pl
-    return loss, {"task": float(task.detach()), "slol": float(sl.detach()), "param": float(pl.detach())}
+    return loss, {"task": float(task.detach()), "slol": float(sl.detach()), "param": float(pl.detach()), **parts}

@@ -132,6 +132,25 @@ def _predict_labels(model_path: str, images: np.ndarray, batch: int = 1024) -> n
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
 
+def resolve_augment(mode: str, model_path: str) -> str:
+    """The augmentation a defense's fit uses on ``model_path``: ``mode`` itself unless it is ``"auto"``, which
+    takes the training augmentation the checkpoint records (``extra["augment"]``: ``ctray train`` writes
+    ``base.augment``, repair / cleanse pass theirs on), or ``"crop-flip"`` (the reference's transform) with a
+    warning when it records none. One of ``crop-flip``, ``crop``, ``none``."""
+    if mode != "auto":
+        return mode
+    from ctray.models.checkpoint import read_checkpoint
+
+    rec = read_checkpoint(model_path)["extra"].get("augment")
+    if rec in ("crop-flip", "crop", "none"):
+        log.info("augment=auto: %s was trained with augment=%s; the defense uses the same", model_path, rec)
+        return str(rec)
+    log.warning("augment=auto: %s records no training augmentation (not made by ctray train); using crop-flip. "
+                "Set repair.augment / cleanse.augment to the model's own (none if it was trained without)",
+                model_path)
+    return "crop-flip"
+
+
 def _sha256_files(paths: Sequence[str]) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -180,8 +199,10 @@ def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], 
     cfg_d = cfg.to_dict()
     scaling, threads = _scaling(cfg)
     cfg_d["scale"]["torch_threads"] = threads
+    aug = cfg_d[method]["augment"] = resolve_augment(getattr(cfg, method).augment, model_path)
+    # "augment" passes the model's training augmentation on, so a defense of this output resolves "auto" alike
     prov = {"made_by": f"ctray {'repair' if method == 'repair' else 'cleanse-model'}", "from_model": model_path,
-            "data": paths, "config": cfg_d[method], "seed": cfg.seed}
+            "data": paths, "config": cfg_d[method], "seed": cfg.seed, "augment": aug}
     if unlearn is not None:
         prov["unlearn"] = unlearn
     job = {"cfg": cfg_d, "method": method, "model_in": model_path, "model_out": out, "extra": prov,
@@ -255,7 +276,8 @@ def _audit_for_unlearning(cfg: Config, method: str, model_path: str, shards: Seq
     if not out:
         raise ConfigError("no output checkpoint: give --out")  # before minutes of audit, not after
     faithful = copy.deepcopy(cfg)
-    faithful.repair.unlearn, faithful.repair.unlearn_every = 0.0, 0  # the audit's reference is the paper's PT
+    faithful.repair.unlearn, faithful.repair.unlearn_every, faithful.repair.kd = 0.0, 0, 0.0  # the audit's
+    #                                                                       reference is the paper's PT
     faithful.cleanse.unlearn, faithful.cleanse.unlearn_every = 0.0, 0
     if method == "cleanse":
         faithful.audit.use_labels = False  # the unlabeled shards' labels are never used
@@ -408,15 +430,19 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
     what = "trusted clean" if cfg.audit.use_labels else "unlabeled"
     ds, paths = _read(clean, model_path, cfg, what)
     cfg = copy.deepcopy(cfg)
-    cfg.repair.unlearn, cfg.repair.unlearn_every = 0.0, 0  # the reference is the paper's PT (an unlearning
-    #                                                         repair would audit again)
+    # the reference is the paper's PT (an unlearning repair would audit again; kd is ctray's extension)
+    cfg.repair.unlearn, cfg.repair.unlearn_every, cfg.repair.kd = 0.0, 0, 0.0
     if not cfg.audit.use_labels:
         cfg.repair.use_labels = False  # label-free reference: self-distillation to the pivot
+    cfg.repair.augment = resolve_augment(cfg.repair.augment, model_path)  # the cache key holds the resolved mode
     _, C, spec = _model_inputs(model_path)
     if ref is None:
+        rep = cfg.to_dict()["repair"]
+        for off in ("kd", "kd_t"):  # off (always, here): left out of the key, so caches made before kd stay valid
+            rep.pop(off, None)
         key = hashlib.sha256(json.dumps({
             "model": hashlib.sha256(cio.read_bytes(model_path)).hexdigest(), "clean": _sha256_files(paths),
-            "repair": cfg.to_dict()["repair"], "seed": cfg.seed}, sort_keys=True).encode()).hexdigest()[:16]
+            "repair": rep, "seed": cfg.seed}, sort_keys=True).encode()).hexdigest()[:16]
         cache = cache_dir or (cio.join(out_dir, "ref-cache") if out_dir else
                               os.path.join(os.path.expanduser("~"), ".cache", "ctray", "ref"))
         ref = cio.join(cache, f"pt-{key}.pt")

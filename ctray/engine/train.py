@@ -121,7 +121,9 @@ def train_model(cfg: Config, out: str, exclude: Sequence[tuple[str, str]] | None
     cfg_d = cfg.to_dict()
     scaling, threads = _scaling(cfg)
     cfg_d["scale"]["torch_threads"] = threads
-    prov = {"trained_by": "ctray train", "train": train_paths, "n_excluded": n_ex, **(extra or {})}
+    # "augment": the training augmentation, which the defenses' augment=auto read back
+    prov = {"trained_by": "ctray train", "train": train_paths, "n_excluded": n_ex, "augment": cfg.base.augment,
+            **(extra or {})}
     job = {"cfg": cfg_d, "num_classes": C, "mode": "train", "keep": keep, "model_out": out, "extra": prov}
     base = os.path.dirname(out) if not cio.is_remote(out) else out.rsplit("/", 1)[0]
     storage = cio.join(os.path.abspath(base) if not cio.is_remote(base) else base, ".ray-train")

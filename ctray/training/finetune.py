@@ -223,7 +223,8 @@ def _repair(model: nn.Module, sec: dict[str, Any], prep: Any, batch: Any, held: 
             dist.all_gather(ys_list, yc)
             ys = torch.cat(ys_list)
         loss, parts = pt_loss(logits, zs, logits0, z0s, y, model, theta0, float(sec["lam_slol"]),
-                              float(sec["lam_param"]), bool(sec["use_labels"]), bool(sec["slol_offdiag"]), y_feat=ys)
+                              float(sec["lam_param"]), bool(sec["use_labels"]), bool(sec["slol_offdiag"]), y_feat=ys,
+                              kd=float(sec.get("kd", 0.0)), kd_t=float(sec.get("kd_t", 4.0)))
         if delta is not None:
             unl = F.cross_entropy(logits_t, yc[:k])  # label-free repair: the pivot's labels of the clean copies
             loss = loss + unlearn * unl

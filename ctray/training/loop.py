@@ -487,7 +487,9 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             if job.get("train_fbase"):
                 files[FBASE] = (fbase_state, base_cfg["arch"])
             for name, (st, arch) in files.items():
-                extra = {"round": r, "phase": name[:-3], "n_dr": n_dr}
+                # f_base trains with base.augment, CT's models without augmentation (specs/ct.md §1.2)
+                extra = {"round": r, "phase": name[:-3], "n_dr": n_dr,
+                         "augment": base_cfg["augment"] if name == FBASE else "none"}
                 save_model(os.path.join(d, name), st, spec_of(arch), extra)
                 save_model(cio.join(job["ckpt_dir"], name), st, spec_of(arch), extra)
             meta = {"round": r, "phase": "done", "n_dr": n_dr, "arch": ct["arch"], "base_arch": base_cfg["arch"],
