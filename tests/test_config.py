@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ctray.config import Config, auto_preset, list_presets, load_config, parse_overrides
@@ -53,12 +55,25 @@ def test_reference_preset_keeps_the_published_bcu():
 
 
 def test_defenses_follow_the_models_augmentation_except_in_the_reference_preset():
-    """augment=auto (ctray's) resolves per checkpoint; the faithful preset keeps the reference's crop-flip."""
+    """augment=auto (ctray's) resolves per checkpoint; the faithful preset keeps the reference's crop-flip.
+    repair.kd is off everywhere: it only helps together with repair.unlearn (docs/recipes/)."""
     for name in ("small", "smoke"):
         c = load_config(name)
         assert (c.repair.augment, c.cleanse.augment, c.repair.kd) == ("auto", "auto", 0.0)
     ref = load_config("reference-cifar")
-    assert (ref.repair.augment, ref.cleanse.augment) == ("crop-flip", "crop-flip")
+    assert (ref.repair.augment, ref.cleanse.augment, ref.repair.kd) == ("crop-flip", "crop-flip", 0.0)
+
+
+def test_documented_defense_recipe_layers_on_small_and_validates():
+    """docs/recipes/defend-resnet18-narrow.yaml is the measured repair recipe the README quotes: it must load
+    through --config on top of `small` and keep the figures' settings."""
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "recipes", "defend-resnet18-narrow.yaml")
+    c = load_config(config_file=path)
+    assert c.preset == "small"
+    r = c.repair
+    assert (r.lr, r.steps, r.lam_param, r.unlearn, r.unlearn_every, r.kd, r.augment) == (0.02, 600, 470, 1, 100, 1,
+                                                                                          "auto")
+    assert c.cleanse == load_config("small").cleanse  # the cleanse figures use small's schedule
 
 
 def test_repair_reinversion_needs_the_unlearning_audit():

@@ -88,6 +88,22 @@ def test_repair_brings_asr_down_and_keeps_accuracy(models, repaired, capsys):
     assert after["acc"] >= before["acc"] - 0.08, (before, after)
 
 
+def test_repair_kd_reaches_the_loop_and_warns_without_unlearning(models, tmp_path, caplog):
+    """repair.kd through the product path: the loop adds the distillation part (recorded in the checkpoint),
+    and without repair.unlearn the driver warns that the backdoor will mostly stay (measured, config.py)."""
+    import logging
+
+    from ctray.models.checkpoint import read_checkpoint
+
+    out = str(tmp_path / "kd.pt")
+    with caplog.at_level(logging.WARNING, logger="ctray.engine.defenses"):
+        assert main(["-q", "repair", "--model", models["bd"], "--clean", f"{models['data']}/clean-*.tar", "--out",
+                     out, *COMMON, "repair.kd=1", "repair.steps=20"]) == 0
+    assert "repair.kd=1 without repair.unlearn" in caplog.text
+    rep = read_checkpoint(out)["extra"]["repair"]
+    assert rep["steps_done"] == 20 and rep["last_loss_parts"]["kd"] > 0  # the pivot's KL after 20 steps
+
+
 @pytest.mark.slow  # 177 s per repair (the audit's reference PT + 10 inversions + the PT), two repairs
 @pytest.mark.timeout(1800)
 def test_repair_with_unlearning_audits_then_removes_more_of_the_backdoor(models, repaired, tmp_path, capsys):
