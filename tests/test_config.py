@@ -73,7 +73,9 @@ def test_documented_defense_recipe_layers_on_small_and_validates():
     r = c.repair
     assert (r.lr, r.steps, r.lam_param, r.unlearn, r.unlearn_every, r.kd, r.augment) == (0.02, 600, 470, 1, 100, 1,
                                                                                           "auto")
-    assert c.cleanse == load_config("small").cleanse  # the cleanse figures use small's schedule
+    small = load_config("small").cleanse
+    assert (c.cleanse.ratios, c.cleanse.head_ratio) == ([0.01, 0.01, 0.03, 0.09, 0.27], 0.1)  # the paper's ResNet-18
+    assert (c.cleanse.epochs, c.cleanse.lr, c.cleanse.unlearn) == (small.epochs, small.lr, small.unlearn)
 
 
 def test_repair_reinversion_needs_the_unlearning_audit():
