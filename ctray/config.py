@@ -56,9 +56,11 @@ class DataConfig:
     score_compute: str = "tasks"
 
 
+#: training augmentations (base.augment; what a checkpoint records in extra["augment"])
+TRAIN_AUGMENTS = ("crop-flip", "crop", "none")
 #: augmentation modes of the defenses' fits (repair.augment, cleanse.augment): "auto" resolves to the
 #: checkpoint's recorded training augmentation (ctray.engine.defenses.resolve_augment)
-AUGMENTS = ("auto", "crop-flip", "crop", "none")
+AUGMENTS = ("auto", *TRAIN_AUGMENTS)
 #: ``data.*`` keys that set how a run uses the machine, never what it computes: run fingerprints (resume,
 #: bench cells) ignore them and a sweep's best.yaml leaves them out.
 DATA_RESOURCE_KEYS = ("read_cpus", "score_batch_size", "score_actors", "score_cpus", "score_compute")
@@ -434,7 +436,7 @@ class Config:
         if self.data.score_actors < 1 or self.data.score_cpus <= 0:
             raise ConfigError(f"data.score_actors must be >= 1 and data.score_cpus > 0, got "
                               f"{self.data.score_actors}, {self.data.score_cpus}")
-        if self.base.augment not in ("crop-flip", "crop", "none"):
+        if self.base.augment not in TRAIN_AUGMENTS:
             raise ConfigError(f"base.augment must be crop-flip, crop or none, got {self.base.augment!r}")
         if self.scale.checkpoint_every < 0 or self.scale.max_failures < 0:
             raise ConfigError(f"scale.checkpoint_every and scale.max_failures must be >= 0, got "

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from ctray import io as cio
-from ctray.config import Config
+from ctray.config import TRAIN_AUGMENTS, Config
 from ctray.engine.score import collect_scores, map_model
 from ctray.errors import ConfigError, DataError
 
@@ -142,12 +142,13 @@ def resolve_augment(mode: str, model_path: str) -> str:
     from ctray.models.checkpoint import read_checkpoint
 
     rec = read_checkpoint(model_path)["extra"].get("augment")
-    if rec in ("crop-flip", "crop", "none"):
+    if rec in TRAIN_AUGMENTS:
         log.info("augment=auto: %s was trained with augment=%s; the defense uses the same", model_path, rec)
         return str(rec)
-    log.warning("augment=auto: %s records no training augmentation (not made by ctray train); using crop-flip. "
-                "Set repair.augment / cleanse.augment to the model's own (none if it was trained without)",
-                model_path)
+    what = ("records no training augmentation (not made by ctray train)" if rec is None else
+            f"records an unknown training augmentation {rec!r}")
+    log.warning("augment=auto: %s %s; using crop-flip. Set repair.augment / cleanse.augment to the model's own "
+                "(none if it was trained without)", model_path, what)
     return "crop-flip"
 
 

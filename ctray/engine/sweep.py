@@ -217,7 +217,7 @@ def plan_resources(cfg: Config, user_keys: set[str], baseline: bool) -> tuple[in
     task_cpus = sw.trial_cpus if local else 0.01
     share = max(0.05, (cpus - runs * (task_cpus + 0.01)) / runs)
     # a run's scoring task and one upstream task must fit at the same time in EVERY run, or each run's
-    # actor holds the last CPU share while its own read/usable tasks wait (measured: 2 trials + the
+    # scoring holds the last CPU share while its own read/usable tasks wait (measured: 2 trials + the
     # baseline on 2 CPUs hung with 0.9 * share per op); hence half of the share per op
     for key, cur in (("data.score_cpus", cfg.data.score_cpus), ("data.read_cpus", cfg.data.read_cpus)):
         if key not in user_keys:
