@@ -134,9 +134,17 @@ class ScaleConfig:
     # same loop in the driver process (no worker start-up, ~3 s instead of ~12 s per fit; one machine)
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 0.0  # 0 = auto: what the cluster leaves after Data's share, <= 1 per worker
+    # CPUs each Train worker asks for. 0 = auto, sized from the node types that can host a worker (alive
+    # nodes and the autoscaler's declared types, never the driver's machine): on each such node Ray Data
+    # keeps max(0.5, 25%) of its CPUs and the workers that fit on its GPUs share the rest; the smallest
+    # value over the node types, >= 0.25 (a g5.xlarge GPU node, 4 CPUs: 3; a 2-CPU laptop: 1.5 for one
+    # worker, 0.75 each for two). No node type that can host the request: the run fails at once.
+    cpus_per_worker: float = 0.0
     gpus_per_worker: float = 1.0
-    torch_threads: int = 0  # 0 = auto: cpus_per_worker rounded down, >= 1
+    # custom resources each Train worker asks for, e.g. {"accelerator_type:A10G": 0.001} to pin workers
+    # to a node type; counted when sizing cpus_per_worker (only node types that have them host workers)
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    torch_threads: int = 0  # 0 = auto: cpus_per_worker rounded down (>= 1), at most the worker machine's cores
     # steps between in-round Ray Train checkpoints with worker processes (on top of one after f_base and
     # one after pretraining): a killed worker redoes at most this many steps. Each one uploads model +
     # optimizer state (~90 MB for ResNet-18); 2000 is ~1.3 epochs of the reference pretraining (1,563
@@ -443,6 +451,13 @@ class Config:
                               f"{self.scale.checkpoint_every} and {self.scale.max_failures}")
         if self.scale.num_workers < 0:
             raise ConfigError(f"scale.num_workers must be >= 0 (0 = local mode), got {self.scale.num_workers}")
+        if self.scale.cpus_per_worker < 0 or self.scale.gpus_per_worker <= 0:
+            raise ConfigError(f"scale.cpus_per_worker must be >= 0 (0 = auto) and scale.gpus_per_worker > 0, got "
+                              f"{self.scale.cpus_per_worker} / {self.scale.gpus_per_worker}")
+        for name, v in self.scale.worker_resources.items():
+            if name in ("CPU", "GPU", "memory") or v < 0:
+                raise ConfigError(f"scale.worker_resources.{name}={v}: give custom resources >= 0 only (CPUs and "
+                                  f"GPUs have scale.cpus_per_worker / scale.gpus_per_worker)")
         for bs in (self.ct.batch_size, self.ct.pretrain_batch_size, self.base.batch_size):
             if bs < max(1, self.scale.num_workers):
                 raise ConfigError(f"batch sizes ({bs}) must be >= scale.num_workers ({self.scale.num_workers}):"
@@ -542,6 +557,11 @@ def list_presets() -> list[str]:
 
 def _coerce(value: Any, typ: Any, path: str) -> Any:
     origin = get_origin(typ)
+    if origin is dict:
+        kt, vt = get_args(typ)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, e.g. {{name: 1}}, got {value!r}")
+        return {_coerce(k, kt, path): _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         (inner,) = get_args(typ)
         if not isinstance(value, list | tuple):
@@ -577,6 +597,9 @@ def _set(obj: Any, dotted: str, value: Any, full: str) -> None:
         cur = getattr(obj, head)
         if dataclasses.is_dataclass(cur):
             _set(cur, rest, value, full)
+            return
+        if isinstance(cur, dict):  # scale.worker_resources.<name>=1
+            cur[rest] = _coerce(value, get_args(typ)[1], full)
             return
         if isinstance(cur, list) and rest.isdigit():  # ct.lam.3=30
             i = int(rest)

@@ -13,17 +13,20 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+TEST_ACCEL = "ctray_test_accel"  # the session node's fake accelerator resource
 
 
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray for the whole session. 4 logical CPUs on 2 cores so Train workers and Ray Data
     cannot starve each other (the 2-CPU deadlock of ray-notes §5.1); never attaches to a running
-    `ray start` cluster (address="local")."""
+    `ray start` cluster (address="local"). The node also declares a custom resource shaped like an
+    accelerator (``ctray_test_accel``), so a test can place a Train worker the way a GPU node hosts one
+    without a GPU (tests/test_placement.py)."""
     import ray
 
     ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, log_to_driver=False,
-             include_dashboard=False)
+             include_dashboard=False, resources={TEST_ACCEL: 1})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -154,7 +154,8 @@ def run_baselines(cfg: Config, fbase: str, methods: Sequence[str], *, poison_rat
     import ray
 
     from ctray.data.reader import read_shards, usable
-    from ctray.engine.detect import ensure_ray, resolve_inputs
+    from ctray.engine.cluster import ensure_ray
+    from ctray.engine.detect import resolve_inputs
     from ctray.engine.score import collect_scores, feature_moments, score_dataset
     from ctray.models.checkpoint import read_checkpoint
 

@@ -361,7 +361,8 @@ def bench(out: str, *, train: Sequence[str] | None = None, clean: Sequence[str] 
         DataError: unreadable inputs.
     """
     from ctray.data.attacks import ATTACKS
-    from ctray.engine.detect import choose_preset, ensure_ray
+    from ctray.engine.cluster import ensure_ray
+    from ctray.engine.detect import choose_preset
 
     t0 = time.monotonic()
     methods = list(dict.fromkeys(methods))

@@ -184,7 +184,7 @@ def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ctray.engine.detect import _scaling, ensure_ray
+    from ctray.engine.cluster import ensure_ray, scaling
     from ctray.training.finetune import finetune_loop_per_worker
 
     cfg.validate()
@@ -198,7 +198,7 @@ def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], 
     if ds.count() == 0:
         raise DataError(f"no usable sample in the {what} shards {paths[:3]}")
     cfg_d = cfg.to_dict()
-    scaling, threads = _scaling(cfg)
+    scaling_cfg, threads = scaling(cfg)
     cfg_d["scale"]["torch_threads"] = threads
     aug = cfg_d[method]["augment"] = resolve_augment(getattr(cfg, method).augment, model_path)
     # "augment" passes the model's training augmentation on, so a defense of this output resolves "auto" alike
@@ -215,7 +215,7 @@ def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], 
     # default), whose loop may return a value (result.return_value); mypy sees only the V1 declaration
     result = TorchTrainer(
         finetune_loop_per_worker,  # type: ignore[arg-type]
-        train_loop_config=job, scaling_config=scaling, datasets={"train": ds},
+        train_loop_config=job, scaling_config=scaling_cfg, datasets={"train": ds},
         run_config=ray.train.RunConfig(name=f"{method}-{os.path.basename(out)}-{int(time.time() * 1e3)}",
                                        storage_path=cio.join(base, ".ray-train"),
                                        failure_config=ray.train.FailureConfig(max_failures=2))).fit()
@@ -425,7 +425,7 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
 
     from ctray.core.actstats import hash_split
     from ctray.core.audit import class_scores, model_score
-    from ctray.engine.detect import ensure_ray
+    from ctray.engine.cluster import ensure_ray
     from ctray.models.checkpoint import load_state
 
     cfg.validate()
@@ -689,7 +689,7 @@ def activation_scores(model_path: str, shards: Sequence[str], clean_shards: Sequ
     Returns:
         :class:`ActScores` (flag rule: ``score > threshold``; see there).
     """
-    from ctray.engine.detect import ensure_ray
+    from ctray.engine.cluster import ensure_ray
 
     cfg.validate()
     ensure_ray()
@@ -734,7 +734,7 @@ def purify_model(cfg: Config, model_path: str, clean: Sequence[str], out: str) -
     import torch
 
     from ctray.defenses.actstats import activation_modules, learn_intervals
-    from ctray.engine.detect import ensure_ray
+    from ctray.engine.cluster import ensure_ray
     from ctray.models.checkpoint import load_model, save_model
     from ctray.training.steps import to_input
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 from ctray import io as cio
 from ctray._version import __version__
 from ctray.config import DATA_RESOURCE_KEYS, Config, load_config
+from ctray.engine.cluster import ensure_ray, scaling
 from ctray.errors import ConfigError, DataError, RunDirMismatchError
 
 log = logging.getLogger(__name__)
@@ -44,42 +45,6 @@ class DetectResult:
     seconds: dict[str, float] = field(default_factory=dict)
     canary: dict[str, Any] | None = None  # with canary.rate > 0: count, target, recall, outside flag rate
     weak_classes: list[int] = field(default_factory=list)  # cleansed with LR < decide.weak_lr
-
-
-# ---------------------------------------------------------------------------------------------- ray
-
-
-def ensure_ray() -> None:
-    """Attach to a running cluster (``RAY_ADDRESS`` / ``ray start``) or start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(log_to_driver=True, logging_level=logging.WARNING)
-    # Ray's helper processes (e.g. Train's placement-group cleaner) call a bare ray.init(): point them at
-    # this cluster, or they fail when another local Ray runs on the same machine. RAY_ADDRESS=local (a
-    # private local Ray although a `ray start` cluster runs here) would make them start new ones.
-    if os.environ.get("RAY_ADDRESS", "") in ("", "local"):
-        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-
-
-def _scaling(cfg: Config) -> tuple[Any, int]:
-    """ScalingConfig with fractional CPUs so Ray Data keeps room (the 2-CPU deadlock, ray-notes §5.1)."""
-    import ray
-    import ray.train
-
-    s = cfg.scale
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    if s.num_workers == 0:  # local mode: the loop runs in this process
-        return ray.train.ScalingConfig(num_workers=0), s.torch_threads or max(1, os.cpu_count() or 1)
-    per = s.cpus_per_worker or max(0.25, min(float(os.cpu_count() or 1), (cpus - 0.5) / s.num_workers))
-    threads = s.torch_threads or max(1, int(round(per)))
-    res = {"CPU": per}
-    if s.use_gpu:
-        res["GPU"] = s.gpus_per_worker
-    return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=res), threads
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -285,7 +250,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     r_usable = usable(ds_r).materialize()
     del ds_r
     cfg_d = cfg.to_dict()
-    scaling, threads = _scaling(cfg)
+    scaling_cfg, threads = scaling(cfg)
     cfg_d["scale"]["torch_threads"] = threads
 
     # ---- resume state
@@ -347,7 +312,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         # default), whose loop may return a value (result.return_value); mypy sees only the V1 declaration
         trainer = TorchTrainer(
             train_loop_per_worker,  # type: ignore[arg-type]
-            train_loop_config=job, scaling_config=scaling,
+            train_loop_config=job, scaling_config=scaling_cfg,
             datasets={"train": d_usable, "reserve": r_usable},
             run_config=ray.train.RunConfig(
                 name=f"round-{r}", storage_path=storage,

@@ -204,6 +204,8 @@ def plan_resources(cfg: Config, user_keys: set[str], baseline: bool) -> tuple[in
     """
     import ray
 
+    from ctray.engine.cluster import alive_node_shapes
+
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     sw = cfg.sweep
     conc = sw.max_concurrent or max(1, min(sw.num_samples, int(cpus)))
@@ -213,7 +215,10 @@ def plan_resources(cfg: Config, user_keys: set[str], baseline: bool) -> tuple[in
     if "scale.num_workers" not in user_keys:
         ov["scale.num_workers"] = 0
     if "scale.torch_threads" not in user_keys:
-        ov["scale.torch_threads"] = max(1, int(min(float(os.cpu_count() or 1), cpus) // runs))
+        # the trials' share of the cluster's CPUs, at most one node's worth (a trial is one process); the
+        # loop also caps it at the cores of the machine the trial lands on. Not the driver's machine.
+        node = max((s.resources or {}).get("CPU", 0.0) for s in alive_node_shapes(ray.nodes()))
+        ov["scale.torch_threads"] = max(1, int(min(node, cpus) // runs))
     task_cpus = sw.trial_cpus if local else 0.01
     share = max(0.05, (cpus - runs * (task_cpus + 0.01)) / runs)
     # a run's scoring task and one upstream task must fit at the same time in EVERY run, or each run's
@@ -332,7 +337,8 @@ def sweep(train: str | list[str], clean: str | list[str], out: str, truth: str |
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from ctray.engine.detect import choose_preset, ensure_ray
+    from ctray.engine.cluster import ensure_ray
+    from ctray.engine.detect import choose_preset
 
     t0 = time.time()
     ov: dict[str, Any] = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})

@@ -88,7 +88,8 @@ def train_model(cfg: Config, out: str, exclude: Sequence[tuple[str, str]] | None
     from ray.train.torch import TorchTrainer
 
     from ctray.data.reader import read_shards, usable
-    from ctray.engine.detect import _scaling, ensure_ray, resolve_inputs
+    from ctray.engine.cluster import ensure_ray, scaling
+    from ctray.engine.detect import resolve_inputs
     from ctray.engine.score import collect_scores
     from ctray.training.loop import train_loop_per_worker
 
@@ -119,7 +120,7 @@ def train_model(cfg: Config, out: str, exclude: Sequence[tuple[str, str]] | None
         if len(keep) == 0:
             raise DataError("every usable sample is excluded: nothing to train on")
     cfg_d = cfg.to_dict()
-    scaling, threads = _scaling(cfg)
+    scaling_cfg, threads = scaling(cfg)
     cfg_d["scale"]["torch_threads"] = threads
     # "augment": the training augmentation, which the defenses' augment=auto read back
     prov = {"trained_by": "ctray train", "train": train_paths, "n_excluded": n_ex, "augment": cfg.base.augment,
@@ -132,7 +133,7 @@ def train_model(cfg: Config, out: str, exclude: Sequence[tuple[str, str]] | None
     # default), whose loop may return a value (result.return_value); mypy sees only the V1 declaration
     result = TorchTrainer(
         train_loop_per_worker,  # type: ignore[arg-type]
-        train_loop_config=job, scaling_config=scaling, datasets={"train": usable(ds)},
+        train_loop_config=job, scaling_config=scaling_cfg, datasets={"train": usable(ds)},
         run_config=ray.train.RunConfig(name=f"train-{os.path.basename(out)}-{int(time.time() * 1e3)}",
                                        storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=2))).fit()
@@ -216,7 +217,7 @@ def evaluate(model_path: str, test: Sequence[str] | None = None, triggered: Sequ
     """
     from ctray.config import DataConfig
     from ctray.data.shards import ImageSpec
-    from ctray.engine.detect import ensure_ray
+    from ctray.engine.cluster import ensure_ray
     from ctray.models.checkpoint import read_checkpoint
 
     if not test and not triggered:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctray.core.actstats import hash_split
+from ctray.core.placement import local_cores
 from ctray.defenses.audit import apply_trigger, reinvert_trigger
 from ctray.defenses.cleanse import distill_loss, student_init, temperature
 from ctray.defenses.repair import pivot_params, pt_loss
@@ -94,7 +95,7 @@ def finetune_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     sec, scale = cfg[method], cfg["scale"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(scale["torch_threads"] or 1)
+    torch.set_num_threads(min(scale["torch_threads"] or 1, local_cores()))  # capped by this worker's machine
     device = ray.train.torch.get_device() if scale["use_gpu"] else torch.device("cpu")
     seed = int(cfg["seed"]) * 1000 + _HOLDOUT_SALT[method]
     t0 = time.monotonic()

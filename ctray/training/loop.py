@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ctray.core.placement import local_cores
 from ctray.models import build_model
 from ctray.models.checkpoint import ModelSpec, load_state, save_model
 from ctray.progress import Progress
@@ -286,7 +287,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     ct, base_cfg, data_cfg, scale = cfg["ct"], cfg["base"], cfg["data"], cfg["scale"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = scale["torch_threads"] or 1
+    threads = min(scale["torch_threads"] or 1, local_cores())  # sized by the driver; capped by this machine
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device() if scale["use_gpu"] else torch.device("cpu")
     mean, std = data_cfg["mean"], data_cfg["std"]

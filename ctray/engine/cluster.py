@@ -1,0 +1,130 @@
+"""What every driver shares about the Ray cluster: starting or attaching to it, what its nodes look like,
+and what each Ray Train worker asks for.
+
+The per-worker request is sized from the nodes that can host a worker (alive nodes, plus the node types
+an autoscaler may launch), never from the machine the driver runs on (the rule is
+:func:`ctray.core.placement.plan_workers`). A request that no node type can ever satisfy fails at once
+with a :class:`~ctray.errors.ConfigError` naming the request and the node shapes, instead of a placement
+group that waits forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from ctray.config import Config
+from ctray.core.placement import NodeShape, PlacementError, local_cores, plan_workers
+from ctray.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Where Ray's cluster launcher leaves the cluster config on the head node (the autoscaler reads it too).
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+_NOT_ASKED = ("memory", "object_store_memory")
+
+
+def ensure_ray() -> None:
+    """Attach to a running cluster (``RAY_ADDRESS`` / ``ray start``) or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(log_to_driver=True, logging_level=logging.WARNING)
+    # Ray's helper processes (e.g. Train's placement-group cleaner) call a bare ray.init(): point them at
+    # this cluster, or they fail when another local Ray runs on the same machine. RAY_ADDRESS=local (a
+    # private local Ray although a `ray start` cluster runs here) would make them start new ones.
+    if os.environ.get("RAY_ADDRESS", "") in ("", "local"):
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+
+
+def alive_node_shapes(nodes: list[dict[str, Any]]) -> list[NodeShape]:
+    """Group ``ray.nodes()`` rows that are alive by their resources (``node:<ip>`` keys dropped)."""
+    groups: dict[tuple[tuple[str, float], ...], list[str]] = {}
+    for n in nodes:
+        if not n.get("Alive"):
+            continue
+        res = {k: float(v) for k, v in (n.get("Resources") or {}).items()
+               if not k.startswith("node:") and k not in _NOT_ASKED}
+        groups.setdefault(tuple(sorted(res.items())), []).append(str(n.get("NodeManagerAddress", "?")))
+    return [NodeShape(f"alive {', '.join(ips[:3])}{' ...' if len(ips) > 3 else ''}", dict(key), alive=len(ips))
+            for key, ips in groups.items()]
+
+
+def launcher_node_types(config: dict[str, Any]) -> list[NodeShape]:
+    """Node types of a Ray cluster launcher config (``available_node_types``), as launchable shapes.
+
+    A type with ``max_workers: 0`` (or the head type) cannot be launched; a type without ``resources``
+    has an unknown shape (the launcher fills it in from the instance type)."""
+    head = config.get("head_node_type")
+    out = []
+    for name, t in (config.get("available_node_types") or {}).items():
+        res = t.get("resources")
+        launch = name != head and int(t.get("max_workers", config.get("max_workers", 0)) or 0) > 0
+        out.append(NodeShape(str(name), {k: float(v) for k, v in res.items()} if res is not None else None,
+                             can_launch=launch))
+    return out
+
+
+def declared_node_types() -> list[NodeShape]:
+    """The node types an autoscaler may launch: the cluster config the autoscaler publishes in the GCS
+    (KubeRay, autoscaler v2; the same source Ray Data's autoscaling reads), else the launcher's config
+    file on this (head) node, else none (a fixed cluster: the alive nodes are all there is)."""
+    try:
+        import ray._private.state as state  # no public API yet; Ray Data's own autoscaler reads it so
+
+        cc = state.state.get_cluster_config()
+    except Exception as e:  # noqa: BLE001 - a missing or changed private API must not stop a run
+        log.debug("no cluster config from the GCS: %s", e)
+        cc = None
+    if cc is not None and cc.node_group_configs:
+        return [NodeShape(g.name, {k: float(v) for k, v in g.resources.items()}, can_launch=g.max_count != 0)
+                for g in cc.node_group_configs]
+    path = os.path.expanduser(LAUNCHER_CONFIG)
+    if os.path.exists(path):
+        import yaml
+
+        try:
+            with open(path) as f:
+                return launcher_node_types(yaml.safe_load(f) or {})
+        except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError) as e:
+            log.warning("cannot read the launcher config %s (%s): sizing workers from the alive nodes only", path, e)
+    return []
+
+
+def node_shapes() -> list[NodeShape]:
+    """Alive nodes plus the declared node types of the connected cluster."""
+    import ray
+
+    return alive_node_shapes(ray.nodes()) + declared_node_types()
+
+
+def scaling(cfg: Config, shapes: list[NodeShape] | None = None) -> tuple[Any, int]:
+    """Ray Train's ``ScalingConfig`` for ``cfg.scale`` and the torch threads per worker.
+
+    Local mode (``scale.num_workers=0``) runs the loop in this process: its threads are this machine's
+    cores. With workers, each asks for what :func:`~ctray.core.placement.plan_workers` sizes from the
+    node shapes that can host it (``shapes``, default: the connected cluster's).
+
+    Raises:
+        ConfigError: no node type can ever host a worker with this request.
+    """
+    import ray.train
+
+    s = cfg.scale
+    if s.num_workers == 0:
+        return ray.train.ScalingConfig(num_workers=0), s.torch_threads or local_cores()
+    shapes = node_shapes() if shapes is None else shapes
+    try:
+        plan = plan_workers(shapes, s.num_workers, use_gpu=s.use_gpu, gpus_per_worker=s.gpus_per_worker,
+                            cpus_per_worker=s.cpus_per_worker, extra=s.worker_resources)
+    except PlacementError as e:
+        raise ConfigError(str(e)) from None
+    log.info("Ray Train: %d workers asking for %s each (%s); fits on %s", s.num_workers, plan.resources,
+             plan.note, ", ".join(plan.hosts))
+    threads = s.torch_threads or plan.threads
+    return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                   resources_per_worker=plan.resources), threads
