@@ -505,6 +505,37 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_presets)
     _add_bench(sub)
     _add_sweep(sub)
+    _add_export(sub)
+
+
+# -------------------------------------------------------------------------------------------- export
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write the kept (or flagged) samples of a finished run as WebDataset shards")
+    p.add_argument("run_dir", metavar="RUN", help="a finished run directory (local, s3:// or gs://)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new or empty output directory (local, s3:// or gs://)")
+    p.add_argument("--flagged", action="store_true", help="write the flagged samples instead of the kept ones")
+    p.add_argument("--ray", action="store_true",
+                   help="one Ray task per shard (attaches to RAY_ADDRESS or starts a local Ray); default: in-process")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between progress lines (default 10)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from ctray.engine.export import export_run
+
+    if args.ray:
+        from ctray.engine.cluster import ensure_ray
+
+        ensure_ray()
+    res = export_run(args.run_dir, args.out, which="flagged" if args.flagged else "kept", use_ray=args.ray,
+                     progress_every_s=args.progress_every)
+    print(f"read {res.read} samples: {res.kept} kept, {res.removed} removed (flagged), {res.quarantined} quarantined"
+          f"{f', {res.shard_failures} shard failures' if res.shard_failures else ''}; wrote {res.written} {res.which} "
+          f"samples to {res.out}{f' ({res.renamed} unsafe keys renamed)' if res.renamed else ''}; manifest {res.manifest}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- sweep
