@@ -9,7 +9,7 @@ from ctray.errors import ConfigError
 from ctray.models import MODELS, build_model, count_parameters, list_models
 
 
-@pytest.mark.parametrize("name", ["small-cnn", "resnet18", "resnet18-narrow"])
+@pytest.mark.parametrize("name", ["small-cnn", "tiny-cnn", "resnet18", "resnet18-narrow"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_forward_and_features_shapes(name: str, channels: int) -> None:
     torch.manual_seed(0)
@@ -33,6 +33,10 @@ def test_feature_dims_and_parameter_counts() -> None:
     assert 11_100_000 < count_parameters(r18) < 11_250_000  # 11,173,962 for CIFAR-10
     narrow = build_model("resnet18-narrow", 3, 1000, 64)
     assert narrow.feature_dim == 64
+    tiny, small = build_model("tiny-cnn", 3, 10, 64), build_model("small-cnn", 3, 10, 64)
+    assert tiny.feature_dim == 64 and count_parameters(tiny) < count_parameters(small) / 3  # 14,338 vs 55,162
+    assert isinstance(tiny.body[0], torch.nn.AvgPool2d)  # the 2x2 stem at >= 48 px
+    assert not isinstance(build_model("tiny-cnn", 1, 10, 28).body[0], torch.nn.AvgPool2d)
     assert count_parameters(narrow) < 500_000
     cnn = build_model("small-cnn", 1, 10, 28)
     assert cnn.feature_dim == 128
@@ -70,7 +74,7 @@ def test_state_dict_roundtrip_weights_only(tmp_path) -> None:
 
 
 def test_registry_names_and_unknown_model() -> None:
-    assert list_models() == sorted(MODELS) == ["resnet18", "resnet18-narrow", "small-cnn"]
+    assert list_models() == sorted(MODELS) == ["resnet18", "resnet18-narrow", "small-cnn", "tiny-cnn"]
     with pytest.raises(ConfigError) as e:
         build_model("vgg16", 3, 10, 32)
     msg = str(e.value)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ctray.errors import ConfigError
-from ctray.models.cnn import SmallCNN, small_cnn
+from ctray.models.cnn import SmallCNN, small_cnn, tiny_cnn
 from ctray.models.resnet import CifarResNet, resnet18, resnet18_narrow
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ Builder = Callable[[int, int, int], nn.Module]
 
 MODELS: dict[str, Builder] = {
     "small-cnn": small_cnn,
+    "tiny-cnn": tiny_cnn,
     "resnet18": resnet18,
     "resnet18-narrow": resnet18_narrow,
 }
@@ -38,7 +39,7 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int) 
     """Build a fresh, randomly initialised model by registry name.
 
     Args:
-        name: one of :func:`list_models` (``small-cnn``, ``resnet18``, ``resnet18-narrow``).
+        name: one of :func:`list_models` (``small-cnn``, ``tiny-cnn``, ``resnet18``, ``resnet18-narrow``).
         in_channels: input channels (1 or 3).
         num_classes: number of logits (>= 2).
         image_size: input side in pixels (informational for the built-in models).
