@@ -466,54 +466,11 @@ def export_shard(path: str, shard: str, run_dir: str, out: str, which: Which = "
 # ------------------------------------------------------------------------------------------ driver
 
 
-def export_run(run_dir: str, out: str, *, which: Which = "kept", use_ray: bool | None = None,
-               progress_every_s: float = 10.0) -> ExportResult:
-    """Write the kept (or the flagged) samples of a finished run as WebDataset shards.
-
-    One output shard per input shard, named by the input's shard id (``OUT/train-000000.tar``; inputs
-    from several directories keep their relative subdirectory), holding the selected samples' members
-    byte for byte in their input order. Shards with no selected sample are not written. Keys that are
-    unsafe as paths (``../x``, ``/x``, control characters, backslashes) are written as
-    ``renamed-<hash>`` and listed in the manifest. ``manifest.json`` is written last.
-
-    Args:
-        run_dir: a finished run directory (local or ``s3://`` / ``gs://``), with run.json.
-        out: a new or empty output directory (local or ``s3://`` / ``gs://``).
-        which: ``"kept"`` (usable and not flagged: the cleansed set) or ``"flagged"``.
-        use_ray: one Ray task per shard; None = when Ray is initialised in this process.
-        progress_every_s: seconds between progress log lines (shards done, rate, ETA).
-
-    Returns:
-        An :class:`ExportResult` with totals, per-shard counts and the manifest path.
-
-    Raises:
-        DataError: missing or unfinished run directory, unreachable input shards, or input that changed
-            since the run (names the path, shard and key).
-        ConfigError: ``which`` is unknown, or ``out`` is not new/empty.
-    """
-    from ctray.data.shards import shard_ids
+def _export_all(order: list[str], ids: dict[str, str], run_dir: str, out: str, which: Which, use_ray: bool,
+                progress_every_s: float) -> list[ShardExport]:
+    """Run :func:`export_shard` for every input shard, in this process or as Ray tasks."""
     from ctray.progress import Progress
 
-    if which not in WHICH:
-        raise ConfigError(f"export: which must be one of {WHICH}, got {which!r}")
-    t0 = time.monotonic()
-    run_dir = run_dir if cio.is_remote(run_dir) else os.path.abspath(run_dir)
-    out = out if cio.is_remote(out) else os.path.abspath(out)
-    run = _read_run(run_dir)
-    # local paths absolute (run.json holds them as detect was given them, relative to its working
-    # directory); Ray workers have another one. Shard ids are the same either way (shard_ids uses abspath).
-    paths = [str(p) if cio.is_remote(str(p)) else os.path.abspath(str(p)) for p in run["train"]]
-    if not paths:
-        raise DataError(f"{cio.join(run_dir, 'run.json')} lists no train shards")
-    ids = shard_ids(paths)
-    _check_inputs(paths, run_dir)
-    _prepare_out(out)
-    if use_ray is None:
-        import sys
-
-        use_ray = "ray" in sys.modules and bool(sys.modules["ray"].is_initialized())
-
-    order = sorted(paths, key=lambda p: ids[p])
     prog = Progress(log, f"export {which}", len(order), unit="shards", every_s=progress_every_s)
     results: list[ShardExport] = []
     # One code path, two schedulers: export_shard is the whole per-shard job. With Ray (a cluster, many
@@ -524,7 +481,7 @@ def export_run(run_dir: str, out: str, *, which: Which = "kept", use_ray: bool |
         import ray
 
         opts: dict[str, Any] = {"num_cpus": TASK_CPUS, "max_retries": 2}
-        if any(not cio.is_remote(x) for x in (out, run_dir, *paths)):
+        if any(not cio.is_remote(x) for x in (out, run_dir, *order)):
             # local paths exist on this node only: run the tasks here
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -549,6 +506,8 @@ def export_run(run_dir: str, out: str, *, which: Which = "kept", use_ray: bool |
         except BaseException:
             for ref in pending:  # one shard failed: stop the others (each cleans up its temporary file)
                 ray.cancel(ref)
+            if pending:  # let them end before the caller clears the output
+                ray.wait(pending, num_returns=len(pending), timeout=30)
             raise
     else:
         for p in order:
@@ -557,7 +516,72 @@ def export_run(run_dir: str, out: str, *, which: Which = "kept", use_ray: bool |
             _note(r)
             prog.update()
     prog.close()
+    return results
+
+
+def _clear(out: str, names: list[str]) -> None:
+    """Remove the output shards ``names`` (relative to ``out``) that exist; errors are logged, not raised."""
+    try:
+        fs, p = _fs(out)
+        for n in names:
+            target = f"{p.rstrip('/')}/{n}"
+            if fs.get_file_info(target).is_file:
+                fs.delete_file(target)
+    except OSError as e:
+        log.warning("export failed and %s could not be cleared: %s", out, e)
+
+
+def export_run(run_dir: str, out: str, *, which: Which = "kept", use_ray: bool = False,
+               progress_every_s: float = 10.0) -> ExportResult:
+    """Write the kept (or the flagged) samples of a finished run as WebDataset shards.
+
+    One output shard per input shard, named by the input's shard id (``OUT/train-000000.tar``; inputs
+    from several directories keep their relative subdirectory), holding the selected samples' members
+    byte for byte in their input order. Shards with no selected sample are not written. Keys that are
+    unsafe as paths (``../x``, ``/x``, control characters, backslashes) are written as
+    ``renamed-<hash>`` and listed in the manifest. ``manifest.json`` is written last.
+
+    Args:
+        run_dir: a finished run directory (local or ``s3://`` / ``gs://``), with run.json.
+        out: a new or empty output directory (local or ``s3://`` / ``gs://``).
+        which: ``"kept"`` (usable and not flagged: the cleansed set) or ``"flagged"``.
+        use_ray: one Ray task per shard (attaches to the running Ray, else starts one); default: a loop in
+            this process. Ray workers need the object store's credentials in their environment (the
+            cluster's, or a runtime_env) for remote inputs or outputs.
+        progress_every_s: seconds between progress log lines (shards done, rate, ETA).
+
+    Returns:
+        An :class:`ExportResult` with totals, per-shard counts and the manifest path.
+
+    Raises:
+        DataError: missing or unfinished run directory, unreachable input shards, or input that changed
+            since the run (names the path, shard and key).
+        ConfigError: ``which`` is unknown, or ``out`` is not new/empty.
+    """
+    from ctray.data.shards import shard_ids
+
+    if which not in WHICH:
+        raise ConfigError(f"export: which must be one of {WHICH}, got {which!r}")
+    t0 = time.monotonic()
+    run_dir = run_dir if cio.is_remote(run_dir) else os.path.abspath(run_dir)
+    out = out if cio.is_remote(out) else os.path.abspath(out)
+    run = _read_run(run_dir)
+    # local paths absolute (run.json holds them as detect was given them, relative to its working
+    # directory); Ray workers have another one. Shard ids are the same either way (shard_ids uses abspath).
+    paths = [str(p) if cio.is_remote(str(p)) else os.path.abspath(str(p)) for p in run["train"]]
+    if not paths:
+        raise DataError(f"{cio.join(run_dir, 'run.json')} lists no train shards")
+    ids = shard_ids(paths)
+    _check_inputs(paths, run_dir)
+    _prepare_out(out)
+    order = sorted(paths, key=lambda p: ids[p])
+    try:
+        results = _export_all(order, ids, run_dir, out, which, use_ray, progress_every_s)
+    except BaseException:
+        _clear(out, [ids[p] for p in order])  # a failed export leaves no shard behind (out was new or empty)
+        raise
     results.sort(key=lambda r: r.shard)
+
 
     tot = {k: sum(getattr(r, k) for r in results)
            for k in ("read", "kept", "removed", "quarantined", "written", "shard_failures")}
