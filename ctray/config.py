@@ -54,6 +54,16 @@ class DataConfig:
     # pool costs ~5-8 s of start-up per pass on a 2-core box, a cached task pass of 2,000 images < 1 s, and a
     # CT run scores D once per round
     score_compute: str = "tasks"
+    # Memory model (nothing is held in proportion to N unless it fits one of these budgets):
+    # decoded D (+ the final pass's features) is cached in the object store only when it fits cache_bytes
+    # ("auto" = 40% of the cluster's object store; "0" = never; or a size: 512MB, 2GiB); otherwise every
+    # pass re-reads and re-decodes the shards. A training worker holds a round's set in memory only when
+    # its share fits worker_cache_bytes ("auto" = 20% of the worker machine's RAM over the workers on it),
+    # loaded by filtering on sample ids while streaming; otherwise every epoch streams from its Ray Data
+    # shard through a local shuffle buffer of shuffle_bytes (so a set within shuffle_bytes is always held).
+    cache_bytes: str = "auto"
+    worker_cache_bytes: str = "auto"
+    shuffle_bytes: int = 256 * 2**20
 
 
 #: training augmentations (base.augment; what a checkpoint records in extra["augment"])
@@ -63,7 +73,7 @@ TRAIN_AUGMENTS = ("crop-flip", "crop", "none")
 AUGMENTS = ("auto", *TRAIN_AUGMENTS)
 #: ``data.*`` keys that set how a run uses the machine, never what it computes: run fingerprints (resume,
 #: bench cells) ignore them and a sweep's best.yaml leaves them out.
-DATA_RESOURCE_KEYS = ("read_cpus", "score_batch_size", "score_actors", "score_cpus", "score_compute")
+DATA_RESOURCE_KEYS = ("read_cpus", "score_batch_size", "score_actors", "score_cpus", "score_compute", "cache_bytes")
 
 
 @dataclass
@@ -451,6 +461,15 @@ class Config:
                               f"{self.scale.checkpoint_every} and {self.scale.max_failures}")
         if self.scale.num_workers < 0:
             raise ConfigError(f"scale.num_workers must be >= 0 (0 = local mode), got {self.scale.num_workers}")
+        from ctray.core.budget import parse_bytes
+
+        for name in ("cache_bytes", "worker_cache_bytes"):
+            try:
+                parse_bytes(getattr(self.data, name))
+            except ValueError as e:
+                raise ConfigError(f"data.{name}: {e}") from None
+        if self.data.shuffle_bytes < 0:
+            raise ConfigError(f"data.shuffle_bytes must be >= 0, got {self.data.shuffle_bytes}")
         if self.scale.cpus_per_worker < 0 or self.scale.gpus_per_worker <= 0:
             raise ConfigError(f"scale.cpus_per_worker must be >= 0 (0 = auto) and scale.gpus_per_worker > 0, got "
                               f"{self.scale.cpus_per_worker} / {self.scale.gpus_per_worker}")

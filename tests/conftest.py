@@ -44,3 +44,34 @@ def s3_server():
     from s3server import serve
 
     yield from serve()
+
+
+# The detection tests' shared data (tests/test_detect.py, tests/test_streaming.py): 4,000 Fashion-MNIST
+# train samples with 2% badnet (why 2%: test_detect.py's docstring).
+FM_N_TRAIN = 4000
+FM_RATE = 0.02
+
+
+@pytest.fixture(scope="session")
+def fm_base(tmp_path_factory, fmnist_available):
+    if not fmnist_available:
+        pytest.skip("Debian package dataset-fashion-mnist is not installed (make install installs it as root)")
+    from ctray.data.sources import make_dataset
+
+    d = str(tmp_path_factory.mktemp("fm") / "base")
+    make_dataset("fashion-mnist", d, n_train=FM_N_TRAIN, n_clean=500, n_test=200, shard_size=1000, seed=0)
+    return d
+
+
+def _poisoned(base: str, tmp_path_factory, attack: str) -> str:
+    from ctray.data.poison import poison_dataset
+
+    d = str(tmp_path_factory.mktemp(attack) / attack)
+    # 60% of the poison in one shard: the detection test also checks that shards.parquet ranks it first
+    poison_dataset(base, d, attack, rate=FM_RATE, target=0, seed=0, options={}, concentrate=0.6)
+    return d
+
+
+@pytest.fixture(scope="session")
+def fm_badnet(fm_base, tmp_path_factory):
+    return _poisoned(fm_base, tmp_path_factory, "badnet")

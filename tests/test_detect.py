@@ -25,6 +25,8 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import FM_N_TRAIN as N_TRAIN  # the shared badnet data (conftest.fm_badnet)
+from conftest import FM_RATE as RATE
 
 from ctray.config import load_config
 from ctray.engine.detect import detect
@@ -32,39 +34,12 @@ from ctray.engine.detect import detect
 # Real training runs: a starved box (another job running) can push one past pytest's default 600 s.
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(1200)]
 
-N_TRAIN = 4000
-RATE = 0.02
 # Bounds for the `smoke` preset on 4,000 samples (measured: TPR 1.0, FPR 0.0); one wrongly cleansed
 # class of ~400 would cost ~1% FPR.
 # The measured schedule: smoke with 8 (not 4) pretraining epochs in rounds 0-1, so base_0/base_1 have
 # learned the 80-image patch before the first distillation (the run quoted above).
 # The README's 10k `small` figures are the ones to quote.
 PRETRAIN = {"ct.pretrain_epochs": [8, 8, 10, 10, 10, 10]}
-
-
-@pytest.fixture(scope="session")
-def fm_base(tmp_path_factory, fmnist_available):
-    if not fmnist_available:
-        pytest.skip("Debian package dataset-fashion-mnist is not installed (make install installs it as root)")
-    from ctray.data.sources import make_dataset
-
-    d = str(tmp_path_factory.mktemp("fm") / "base")
-    make_dataset("fashion-mnist", d, n_train=N_TRAIN, n_clean=500, n_test=200, shard_size=1000, seed=0)
-    return d
-
-
-def _poisoned(base: str, tmp_path_factory, attack: str) -> str:
-    from ctray.data.poison import poison_dataset
-
-    d = str(tmp_path_factory.mktemp(attack) / attack)
-    # 60% of the poison in one shard: the detection test also checks that shards.parquet ranks it first
-    poison_dataset(base, d, attack, rate=RATE, target=0, seed=0, options={}, concentrate=0.6)
-    return d
-
-
-@pytest.fixture(scope="session")
-def fm_badnet(fm_base, tmp_path_factory):
-    return _poisoned(fm_base, tmp_path_factory, "badnet")
 
 
 @pytest.fixture(scope="session")

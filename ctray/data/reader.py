@@ -286,6 +286,16 @@ def usable(ds: ray.data.Dataset, *, num_cpus: float = _DEFAULT_OP_CPUS) -> ray.d
                           num_cpus=num_cpus)
 
 
+def _select_batch(batch: pa.Table, *, sids: np.ndarray | None = None) -> pa.Table:
+    return batch.filter(pa.array(np.isin(batch["sid"].to_numpy(), np.asarray(sids, dtype=np.int64))))
+
+
+def select_ids(ds: ray.data.Dataset, sids: np.ndarray, num_cpus: float = _DEFAULT_OP_CPUS) -> ray.data.Dataset:
+    """Only the rows whose ``sid`` is in ``sids`` (int64; a round's kept set), filtered while streaming."""
+    return ds.map_batches(_select_batch, fn_kwargs={"sids": np.asarray(sids, dtype=np.int64)}, batch_format="pyarrow",
+                          batch_size=None, zero_copy_batch=True, num_cpus=num_cpus)
+
+
 def _quarantine_batch(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.invert(batch["ok"])).select(list(QUARANTINE_COLUMNS))
 

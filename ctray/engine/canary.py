@@ -17,6 +17,7 @@ from the already-read dataset, so their images never pass through the driver.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,18 +88,22 @@ def resolve_target(target: int, num_classes: int) -> int:
     return t
 
 
-def plan_canaries(sids: np.ndarray, labels: np.ndarray, shards: np.ndarray, keys: np.ndarray, num_classes: int,
-                  rate: float, min_count: int, target: int, seed: int) -> CanaryPlan | None:
+def plan_canaries(sids: np.ndarray, labels: np.ndarray, shards: np.ndarray | None, keys: np.ndarray | None,
+                  num_classes: int, rate: float, min_count: int, target: int, seed: int,
+                  names: Callable[[np.ndarray], dict[int, tuple[str, str]]] | None = None) -> CanaryPlan | None:
     """Choose the samples to copy: ``max(min_count, round(rate * N))`` of the usable samples whose
     label is not the target, uniformly at random with a generator seeded by ``seed``.
 
     Args:
-        sids, labels, shards, keys: (N,) the run's usable samples in the driver's (shard, key) order.
+        sids, labels, shards, keys: (N,) the run's usable samples in the driver's order; ``shards`` and
+            ``keys`` may be None when ``names`` is given.
         num_classes: C.
         rate: canary fraction of N; 0 returns None.
         min_count: the floor on the count when ``rate > 0``.
         target: the canary label, or -1 for the last class.
         seed: the run's seed (the same config gives the same canaries).
+        names: ``sids -> {sid: (shard, key)}`` for the chosen samples only (the detection driver keeps
+            identity strings out of memory); used when ``shards`` is None.
 
     Raises:
         ConfigError: bad target, or fewer eligible samples than canaries.
@@ -113,8 +118,17 @@ def plan_canaries(sids: np.ndarray, labels: np.ndarray, shards: np.ndarray, keys
                           f"the canary target class {t}; lower canary.rate / canary.min_count")
     rng = np.random.default_rng([int(seed), _CANARY_SALT])
     pick = np.sort(rng.choice(eligible, size=m, replace=False))
-    c_shards = np.array([CANARY_PREFIX + str(s) for s in np.asarray(shards)[pick]], dtype=object)
-    c_keys = np.asarray(keys)[pick].astype(str).astype(object)
+    if shards is None or keys is None:
+        if names is None:
+            raise ValueError("plan_canaries needs shards and keys, or names")
+        got = names(np.asarray(sids, dtype=np.int64)[pick])
+        pairs = [got[int(x)] for x in np.asarray(sids, dtype=np.int64)[pick]]
+        shards_p = np.array([p[0] for p in pairs], dtype=object)
+        keys_p = np.array([p[1] for p in pairs], dtype=object)
+    else:
+        shards_p, keys_p = np.asarray(shards)[pick], np.asarray(keys)[pick]
+    c_shards = np.array([CANARY_PREFIX + str(s) for s in shards_p], dtype=object)
+    c_keys = np.asarray(keys_p).astype(str).astype(object)
     c_sids = np.array([sample_id(s, k) for s, k in zip(c_shards, c_keys, strict=True)], dtype=np.int64)
     src = np.asarray(sids, dtype=np.int64)[pick]
     order = np.argsort(src)

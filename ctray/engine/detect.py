@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from ctray import io as cio
 from ctray._version import __version__
@@ -68,18 +67,44 @@ def resolve_inputs(cfg: Config) -> tuple[list[str], list[str], Any, int | None]:
     return train, clean, spec, (cfg.data.num_classes or n_cls)
 
 
+def estimate_samples(paths: list[str]) -> int:
+    """The number of samples in ``paths``: the manifest's train count when ``ctray data`` wrote one beside
+    them, else the first shard's samples times the shard count (one shard read on the driver)."""
+    from ctray.data.shards import iter_shard, read_manifest
+
+    man = read_manifest(paths) or {}
+    n = int(man.get("counts", {}).get("train", 0))
+    listed = (man.get("shards") or {}).get("train") if isinstance(man.get("shards"), dict) else None
+    if n and listed:  # a subset of the manifest's shards: its share of the count
+        return max(1, round(n * len(paths) / len(listed)))
+    if n:
+        return n
+    return sum(1 for _ in iter_shard(paths[0], paths[0], None, None)) * len(paths)
+
+
+def cache_budget(cfg: Config) -> int:
+    """Bytes of decoded samples the run may cache in the object store (``data.cache_bytes``; ``auto`` =
+    40% of the connected cluster's object store)."""
+    import ray
+
+    from ctray.core.budget import parse_bytes
+
+    val = parse_bytes(cfg.data.cache_bytes)
+    if val is not None:
+        return val
+    return int(0.4 * float(ray.cluster_resources().get("object_store_memory", 0.0)))
+
+
 def choose_preset(train_spec: list[str], use_gpu: bool = False) -> tuple[str, str]:
     """Pick a preset from the data (image size, classes, sample count; the manifest when present,
     else an estimate from the first shard)."""
     from ctray.config import auto_preset
-    from ctray.data.shards import expand_shards, iter_shard, probe_spec, read_manifest
+    from ctray.data.shards import expand_shards, probe_spec, read_manifest
 
     paths = expand_shards(train_spec)
     spec, n_cls = probe_spec(paths)
     man = read_manifest(paths) or {}
-    n = int(man.get("counts", {}).get("train", 0))
-    if not n:
-        n = sum(1 for _ in iter_shard(paths[0], paths[0], None, None)) * len(paths)
+    n = estimate_samples(paths)
     return auto_preset(max(spec.height, spec.width), int(n_cls or man.get("num_classes") or 10), n, use_gpu)
 
 
@@ -159,10 +184,11 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from ctray.core.budget import decoded_bytes, fits
     from ctray.core.decide import WEAK_EVIDENCE_NOTE, Decision, decide, flag_samples, likelihood_ratios
     from ctray.core.distill import distill, keep_count
     from ctray.core.shardstats import GroupStats
-    from ctray.data.reader import TRAIN_COLUMNS, read_shards, usable
+    from ctray.data.reader import TRAIN_COLUMNS, read_shards, select_ids, usable
     from ctray.engine.aggregate import (
         feed_aggregator,
         flagged_by_group,
@@ -172,7 +198,15 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         write_group_tables,
     )
     from ctray.engine.canary import canary_dataset, plan_canaries
-    from ctray.engine.score import PROJECT_CPUS, class_projections, collect_scores, score_dataset
+    from ctray.engine.identity import preserve_order, read_identity, truth_by_sid, write_scores
+    from ctray.engine.score import (
+        PROJECT_CPUS,
+        class_projections,
+        collect_scores,
+        project_features,
+        score_dataset,
+        scores_and_moments,
+    )
     from ctray.training.loop import CONFUSED, FBASE, train_loop_per_worker
 
     cfg.validate()
@@ -185,46 +219,50 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     ensure_ray()
     train_paths, clean_paths, spec, n_cls = resolve_inputs(cfg)
 
-    # ---- read D once (materialized: every round scores all of it) and R
+    # ---- read D (the memory model, data.cache_bytes): decoded D is cached in the object store only when
+    # it fits the budget (twice: the read rows and the scoring view coexist while the view is built);
+    # otherwise nothing of D is held and every pass re-reads and re-decodes the shards.
     t = time.monotonic()
+    n_est = estimate_samples(train_paths)
+    budget = cache_budget(cfg)
+    cached = fits(2 * n_est, spec.shape, budget)
+    log.info("D: about %d samples of %s (%.0f MB decoded); %s (data.cache_bytes: %.0f MB)", n_est, spec.shape,
+             decoded_bytes(n_est, spec.shape) / 1e6,
+             "cached in the object store" if cached else "streamed from the shards in every pass", budget / 1e6)
     ds_all = with_sources(read_shards(train_paths, spec, n_cls, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict),
-                          cfg.data.read_cpus).materialize()
-    ident = collect_scores(ds_all, ("shard", "key", "sid", "label", "ok", "reason", "level", "note", "source"))
-    # one deterministic sample order for every output and tie-break: (shard, key), not block arrival
-    by_name = np.lexsort((ident["key"].astype(str), ident["shard"].astype(str)))
-    ident = {k: v[by_name] for k, v in ident.items()}
-    ok = ident["ok"].astype(bool)
+                          cfg.data.read_cpus)
+    if cached:
+        with preserve_order():
+            ds_all = ds_all.materialize()
+    # identity pass: ids and labels on the driver (sorted by id: the driver's sample order and tie-break,
+    # the same on every run), identity strings to a local Parquet store, quarantined rows' reasons
+    ident = read_identity(ds_all, cfg.data.read_cpus)
     ds_r = read_shards(clean_paths, spec, n_cls, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict).materialize()
     r_ident = collect_scores(ds_r, ("ok", "label", "reason"))
     secs["read"] = time.monotonic() - t
-    sample_rows = ident["level"] == "sample"
-    n_read = int(sample_rows.sum())
-    n_quar = int((~ok & sample_rows).sum())
+    n_read, n_quar = ident.n_read, ident.n_quarantined
     log.info("read %d train samples from %d shards: %d usable, %d quarantined, %d shard failures (%.1fs)",
-             n_read, len(train_paths), int(ok.sum()), n_quar, int((~sample_rows).sum()), secs["read"])
-    if int(ok.sum()) == 0:
+             n_read, len(train_paths), ident.n_usable, n_quar, ident.n_shard_failures, secs["read"])
+    if ident.n_usable == 0:
         raise DataError(f"no usable train sample in {len(train_paths)} shards (see quarantine reasons)")
     if int(r_ident["ok"].sum()) == 0:
         raise DataError(f"no usable sample in the clean reserve {clean_paths[:3]}")
     if int((~r_ident["ok"].astype(bool)).sum()):
         log.warning("clean reserve: %d samples quarantined", int((~r_ident["ok"].astype(bool)).sum()))
-    sids = ident["sid"][ok].astype(np.int64)
-    if len(np.unique(sids)) != len(sids):
+    sids, labels = ident.sids, ident.labels
+    if len(sids) > 1 and bool(np.any(sids[1:] == sids[:-1])):
         raise DataError("two usable samples share one (shard, key) id; shard ids must be unique")
-    labels = ident["label"][ok].astype(np.int64)
-    shards_ok, keys_ok = ident["shard"][ok].astype(str), ident["key"][ok].astype(str)
     C = int(n_cls or max(int(labels.max()), int(r_ident["label"][r_ident["ok"].astype(bool)].max())) + 1)
     if C < 2:
         raise DataError("CT needs at least 2 classes")
-    # the usable rows with the scoring columns, materialized ONCE (canaries included): every round's
-    # training and scoring pass reads these blocks instead of re-filtering all read rows, and the read rows
-    # (quarantined ones included, whose identities are already in `ident`) are released
+    # the usable rows with the scoring columns: every round's training and scoring pass reads these (cached:
+    # the blocks of a materialized view, and the read rows are released; streamed: a re-read of the shards)
     d_final = scoring_view(ds_all, cfg.data.read_cpus)  # + shard, source for the shard/source tables
     # defender canaries (sweep): appended after the real samples; every array below covers both, every
     # user-facing output only the first n_real entries
     n_real = len(sids)
-    cplan = plan_canaries(sids, labels, shards_ok, keys_ok, C, cfg.canary.rate, cfg.canary.min_count,
-                          cfg.canary.target, cfg.seed)
+    cplan = plan_canaries(sids, labels, None, None, C, cfg.canary.rate, cfg.canary.min_count,
+                          cfg.canary.target, cfg.seed, names=ident.store.names)
     if cplan is not None:
         can = canary_dataset(ds_all, cplan, cfg.data.read_cpus)
         d_final = d_final.union(scoring_view(can, cfg.data.read_cpus))
@@ -232,12 +270,13 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         labels = np.concatenate([labels, np.full(len(cplan), cplan.target, np.int64)])
         if len(np.unique(sids)) != len(sids):
             raise DataError("a canary id collides with a sample id; change seed")
-    d_final = d_final.materialize()
+    if cached:
+        d_final = d_final.materialize()
     del ds_all
     d_usable = d_final.select_columns(list(TRAIN_COLUMNS), num_cpus=PROJECT_CPUS)
     n_can = len(sids) - n_real
     N = len(sids)
-    order = np.argsort(sids)
+    order = np.argsort(sids, kind="stable")
     sorted_sids = sids[order]
 
     def align(s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -279,19 +318,36 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         keep = _load_npy(cio.join(out, rs["kept"])) if rs.get("kept") else None
         rounds_info.append(rs["info"])
 
-    truth = load_truth(cfg.io.truth, shards_ok, keys_ok) if cfg.io.truth else None
+    truth = truth_by_sid(cfg.io.truth, ident.sids) if cfg.io.truth else None
     if truth is not None and n_can:
         truth = (np.r_[truth[0], np.zeros(n_can, bool)], np.r_[truth[1], np.zeros(n_can, bool)])
     n_poison = int(truth[0].sum()) if truth is not None else 0
 
-    def final_pass(ckpt_dir: str) -> tuple[Any, Any]:
-        """Score all of D (+ canaries) with the final model, features kept in the object store, while
-        each block's per-shard/per-source partials stream to a fresh aggregator actor."""
+    def final_pass(ckpt_dir: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Any]:
+        """Score all of D (+ canaries) with the final model while each block's per-shard/per-source partials
+        stream to a fresh aggregator actor; then the within-class 2-D projections of the features.
+        Cached D: the scores and features are materialized once and projected from the object store.
+        Streamed D: one pass yields the scalar columns and the per-class feature moments, a second pass
+        rescores and projects; the features never sit anywhere. Returns ``(scores, projections, agg)``."""
         agg = start_aggregator(C, cfg.aggregate.bins, cfg.aggregate.top_k)
         sc_ds = score_dataset(d_final, ckpt_dir, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data,
                               with_features=True, passthrough=("shard", "source"))
         sc_ds = feed_aggregator(sc_ds, agg, C, cfg.aggregate.bins, cfg.aggregate.top_k, cfg.data.read_cpus)
-        return sc_ds.materialize(), agg
+        if cached:
+            held = sc_ds.materialize()
+            return collect_scores(held), class_projections(held, C, cfg.data.read_cpus), agg
+        sc_, moments = scores_and_moments(sc_ds, C, cfg.data.read_cpus)
+        again = score_dataset(d_final, ckpt_dir, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data,
+                              with_features=True)
+        return sc_, project_features(again, moments.principal_axes(2), moments.means(), cfg.data.read_cpus), agg
+
+    def train_set(kept: np.ndarray | None) -> tuple[Any, np.ndarray]:
+        """The round's training input (only D_r reaches the trainers: filtered by sample id before Ray
+        Train's split) and its per-class counts."""
+        if kept is None:
+            return d_usable, np.bincount(labels, minlength=C)
+        lab = labels[order[np.searchsorted(sorted_sids, kept)]]
+        return select_ids(d_usable, kept, cfg.data.read_cpus), np.bincount(lab, minlength=C)
 
     def share(n: int, of: int) -> float | None:
         return n / of if of else None
@@ -303,9 +359,12 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         ckpt = cio.join(out, "checkpoints", f"round_{r}")
         # in-round checkpoints only with worker processes: local mode has no worker to lose (ray-notes §4)
         every = cfg.scale.checkpoint_every if cfg.scale.num_workers > 0 else None
+        assert fbase_ckpt is not None or keep is None  # f_base trains in round 0, on all of D
+        d_train, class_counts = train_set(keep)
         job = {"cfg": cfg_d, "num_classes": C, "round": r, "train_fbase": fbase_ckpt is None,
                "fbase_ckpt": fbase_ckpt, "prev_base_ckpt": prev_ckpt, "keep": keep, "ckpt_dir": ckpt,
-               "checkpoint_every": every}
+               "checkpoint_every": every, "n_total": N, "image_shape": list(spec.shape),
+               "class_counts": class_counts.tolist()}
         # A failed worker group is restarted up to max_failures times; the loop then continues from the
         # latest in-round checkpoint (ctray.training.loop). num_to_keep=1: only the latest is ever read.
         # The two ignores: ray.train.torch rebinds TorchTrainer to the Train V2 class at import (V2 is on by
@@ -313,7 +372,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         trainer = TorchTrainer(
             train_loop_per_worker,  # type: ignore[arg-type]
             train_loop_config=job, scaling_config=scaling_cfg,
-            datasets={"train": d_usable, "reserve": r_usable},
+            datasets={"train": d_train, "reserve": r_usable},
             run_config=ray.train.RunConfig(
                 name=f"round-{r}", storage_path=storage,
                 failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
@@ -334,10 +393,10 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         # ---- score ALL of D with confused_r
         t2 = time.monotonic()
         if final:
-            scored, agg = final_pass(ckpt)  # features stay in the object store for the per-class PCA
+            sc, proj, agg = final_pass(ckpt)
         else:
-            scored = score_dataset(d_usable, ckpt, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data)
-        sc = collect_scores(scored)
+            sc = collect_scores(score_dataset(d_usable, ckpt, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height,
+                                              cfg.data))
         _check_scored(sc["sid"], sorted_sids, f"scoring pass of round {r + 1}")
         losses = align(sc["sid"], sc["loss"])
         round_losses.append(losses)
@@ -362,7 +421,6 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
                      len(kept_idx), N, f" ({info['kept_poison']} poison)" if truth is not None else "")
         else:
             t3 = time.monotonic()
-            proj = class_projections(scored, C, cfg.data.read_cpus)
             _check_scored(proj["sid"], sorted_sids, "final projection pass")
             final_scores = {"pred": align(sc["sid"], sc["pred"]), "prob": align(sc["sid"], sc["prob"]),
                             "proj_x": align(proj["sid"], proj["proj_x"]), "proj_y": align(proj["sid"], proj["proj_y"])}
@@ -381,9 +439,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
 
     if final_scores is None:  # every round was done before: rescore the final model for the decision
         assert prev_ckpt is not None  # rounds >= 1 (validated) and all were done: the resume loop set it
-        scored, agg = final_pass(prev_ckpt)
-        sc = collect_scores(scored)
-        proj = class_projections(scored, C, cfg.data.read_cpus)
+        sc, proj, agg = final_pass(prev_ckpt)
         _check_scored(sc["sid"], sorted_sids, "final rescoring pass")
         _check_scored(proj["sid"], sorted_sids, "final projection pass")
         final_scores = {"pred": align(sc["sid"], sc["pred"]), "prob": align(sc["sid"], sc["prob"]),
@@ -421,63 +477,72 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         log.info("canaries: %d of %d flagged (recall %.3f); flag rate outside them %.4f", canary_info["flagged"],
                  n_can, canary_info["recall"], canary_info["outside_flag_rate"])
 
-    # ---- outputs
+    # ---- outputs: per-sample columns in the driver's order (real samples first); scores.parquet is written
+    # by streaming the identity store, so the identity strings are never all in memory
     from ctray.core.metrics import detection_metrics
 
-    cols: dict[str, Any] = {"shard": shards_ok, "key": keys_ok, "label": labels[:n], "score": score[:n],
-                            "flagged": flagged[:n], "pred": preds[:n]}
+    cols: dict[str, Any] = {"label": labels, "score": score, "flagged": flagged, "pred": preds}
     for i, rl in enumerate(round_losses):
-        cols[f"round_loss_{i}"] = rl[:n].astype(np.float32)
-    cols["proj_x"], cols["proj_y"] = final_scores["proj_x"][:n], final_scores["proj_y"][:n]
+        cols[f"round_loss_{i}"] = rl.astype(np.float32)
+    cols["proj_x"], cols["proj_y"] = final_scores["proj_x"], final_scores["proj_y"]
     metrics: dict[str, Any] | None = None
     if truth is not None:
-        cols["truth_poison"], cols["truth_cover"] = truth[0][:n], truth[1][:n]
+        cols["truth_poison"], cols["truth_cover"] = truth[0], truth[1]
         metrics = {"ct": detection_metrics(flagged[:n], truth[0][:n], score[:n])}
         rounds_poison = [ri.get("kept_poison") for ri in rounds_info]
         metrics["rounds_kept_poison"] = rounds_poison
     # ---- optional extra column: activation statistics of f_base (BadActs transfer; ctray.engine.defenses)
     if cfg.act.in_detect:
+        from ctray.data.shards import sample_ids
         from ctray.engine.defenses import activation_scores
 
         t_act = time.monotonic()
         act = activation_scores(cio.join(state["fbase_ckpt"], FBASE), train_paths, clean_paths, cfg)
-        act_pos = {(s_, k_): i for i, (s_, k_)
-                   in enumerate(zip(act.shard.tolist(), act.key.tolist(), strict=True))}
-        at = np.array([act_pos[(s_, k_)] for s_, k_ in zip(shards_ok.tolist(), keys_ok.tolist(), strict=True)])
-        cols["score_act"], cols["flagged_act"] = act.score[at], act.flagged[at]
+        a_sid = sample_ids(act.shard.tolist(), act.key.tolist())
+        s_act, f_act = np.full(N, np.nan), np.zeros(N, bool)
+        s_act[:n] = align(a_sid, act.score)[:n] if len(a_sid) == N else _by_sid(a_sid, act.score, sids[:n], np.nan)
+        f_act[:n] = _by_sid(a_sid, act.flagged, sids[:n], False)
+        cols["score_act"], cols["flagged_act"] = s_act, f_act
         secs["act"] = time.monotonic() - t_act
         if metrics is not None:
-            metrics["act"] = {**detection_metrics(act.flagged[at], truth[0], act.score[at]),  # type: ignore[index]
+            metrics["act"] = {**detection_metrics(f_act[:n], truth[0][:n], s_act[:n]),  # type: ignore[index]
                               "threshold": act.threshold}
-    cio.write_parquet(cio.join(out, "scores.parquet"), pa.table(cols))
-    bad = ~ok
-    cio.write_parquet(cio.join(out, "quarantine.parquet"), pa.table({
-        "shard": ident["shard"][bad].astype(str), "key": ident["key"][bad].astype(str),
-        "reason": ident["reason"][bad].astype(str), "level": ident["level"][bad].astype(str)}))
+    bad = ident.bad.sort_by([("shard", "ascending"), ("key", "ascending")])
+    cio.write_parquet(cio.join(out, "quarantine.parquet"), bad.select(["shard", "key", "reason", "level"]))
     # ---- per-shard / per-source tables from the aggregator (+ the read's quarantine counts)
     assert agg is not None  # final_pass ran: in the last round or in the rescoring above
     by_shard, by_source, agg_info = ray.get(agg.result.remote())
     ray.kill(agg)
     k_ = (C, cfg.aggregate.bins, cfg.aggregate.top_k)
-    bad_rows, failed_rows = ~ok & sample_rows, ~sample_rows
-    src_all = ident["source"].astype(str)
-    has_src = src_all != ""
-    by_shard = by_shard.merge(GroupStats.from_read(ident["shard"].astype(str), bad_rows, failed_rows, *k_))
-    by_source = by_source.merge(GroupStats.from_read(src_all[has_src], bad_rows[has_src], failed_rows[has_src], *k_))
-    sources_ok = src_all[ok]
+    b_level = np.asarray(bad.column("level").to_pylist(), dtype=object)
+    b_quar, b_fail = b_level == "sample", b_level != "sample"
+
+    def read_counts(names: list[str], b_names: list[str], b_mask: np.ndarray) -> Any:
+        """Every group once (zero counts) plus the bad rows of the groups: the read-side GroupStats."""
+        z = np.zeros(len(names), bool)
+        g = np.array(list(names) + [b for b, m in zip(b_names, b_mask, strict=True) if m], dtype=object)
+        return GroupStats.from_read(g.astype(str), np.r_[z, b_quar[b_mask]], np.r_[z, b_fail[b_mask]], *k_)
+
+    b_shards = [str(x) for x in bad.column("shard").to_pylist()]
+    b_sources = [str(x or "") for x in bad.column("source").to_pylist()]
+    by_shard = by_shard.merge(read_counts(ident.shards, b_shards, np.ones(len(b_shards), bool)))
+    by_source = by_source.merge(read_counts(ident.sources, b_sources, np.array([x != "" for x in b_sources], bool)))
+    top_ids = np.unique(np.concatenate([by_shard.top_id, by_source.top_id]))
+    fl = np.flatnonzero(flagged[:n])
+    names = write_scores(cio.join(out, "scores.parquet"), ident.store, sorted_sids, order, cols, n,
+                         np.concatenate([sids[fl], top_ids]))
     if cfg.decide.flag_budget > 0:
-        shard_fl = flagged_by_group(by_shard, shards_ok, flagged[:n])
-        source_fl = flagged_by_group(by_source, sources_ok, flagged[:n])
+        fl_names = [names[int(x)] for x in sids[fl]]
+        shard_fl = flagged_by_group(by_shard, np.array([x[0] for x in fl_names], dtype=str), np.ones(len(fl), bool))
+        src = np.array([x[2] for x in fl_names], dtype=str)
+        source_fl = flagged_by_group(by_source, src[src != ""], np.ones(int((src != "").sum()), bool))
     else:
         shard_fl, source_fl = by_shard.flagged(cleansed), by_source.flagged(cleansed)
     agg_info["consistent"] = bool(int(by_shard.usable.sum()) == n and int(shard_fl.sum()) == int(flagged[:n].sum()))
     if not agg_info["consistent"]:
         log.error("shard aggregation disagrees with the per-sample results (usable %d vs %d, flagged %d vs %d)",
                   int(by_shard.usable.sum()), n, int(shard_fl.sum()), int(flagged[:n].sum()))
-    top_ids = np.unique(np.concatenate([by_shard.top_id, by_source.top_id]))
-    pos = order[np.clip(np.searchsorted(sorted_sids, top_ids), 0, N - 1)]
-    key_of = {int(t): (str(shards_ok[i]), str(keys_ok[i])) for t, i in zip(top_ids, pos, strict=True)
-              if i < n and sids[i] == t}
+    key_of = {int(t): names[int(t)][:2] for t in top_ids if int(t) in names}
     agg_info.update(write_group_tables(out, by_shard, by_source, shard_fl, source_fl, cfg.aggregate.alpha, key_of))
     cio.write_json(cio.join(out, "decisions.json"), dec.to_json())
     if canary_info is not None:
@@ -495,8 +560,8 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         "version": __version__, "started": t_start, "finished": time.time(), "train": train_paths,
         "clean": clean_paths, "preset": cfg.preset, "num_classes": C, "image_shape": list(spec.shape),
         "seconds": secs, "aggregate": agg_info, "counts": {"read": n_read, "usable": n, "quarantined": n_quar,
-                                    "shard_failures": int((~sample_rows).sum()),
-                                    "converted": int((ident["note"][ok].astype(str) != "").sum()),
+                                    "shard_failures": ident.n_shard_failures,
+                                    "converted": ident.n_converted,
                                     "flagged": int(flagged[:n].sum()), "canaries": n_can}})
     try:
         from ctray.report import write_report
@@ -504,7 +569,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         write_report(out)  # a remote run directory is staged locally and the page uploaded
     except Exception:  # the report is a view; a plotting failure must not lose the run's results
         log.exception("report.html could not be written; results are in %s", out)
-    fl = np.flatnonzero(flagged[:n])
+    ident.store.close()
     if on_round is not None:
         on_round({"round": cfg.ct.rounds - 1, "rounds": cfg.ct.rounds, "final": True, "kept": None,
                   "kept_canaries": None, "canary_kept_share": None, "poison_kept_share": None,
@@ -512,9 +577,20 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
                   "canary_recall": canary_info["recall"] if canary_info else None,
                   "cleansed": np.flatnonzero(cleansed).tolist(), "metrics": metrics["ct"] if metrics else None})
     return DetectResult(run_dir=out, n_read=n_read, n_usable=n, n_quarantined=n_quar, n_flagged=int(len(fl)),
-                        flagged_keys=[(shards_ok[i], keys_ok[i]) for i in fl],
+                        flagged_keys=[names[int(x)][:2] for x in sids[fl]],
                         cleansed_classes=np.flatnonzero(cleansed).tolist(), weak_classes=np.flatnonzero(weak).tolist(), metrics=metrics, seconds=secs,
                         canary=canary_info)
+
+
+def _by_sid(src_sids: np.ndarray, values: np.ndarray, sids: np.ndarray, fill: Any) -> np.ndarray:
+    """``values`` keyed by ``src_sids`` looked up for ``sids`` (``fill`` where absent)."""
+    o = np.argsort(src_sids)
+    ss = src_sids[o]
+    pos = np.clip(np.searchsorted(ss, sids), 0, max(0, len(ss) - 1))
+    hit = (ss[pos] == sids) if len(ss) else np.zeros(len(sids), bool)
+    res = np.full(len(sids), fill, dtype=np.asarray(values).dtype if fill is not np.nan else np.float64)
+    res[hit] = np.asarray(values)[o][pos[hit]]
+    return res
 
 
 def _check_scored(got: np.ndarray, sorted_sids: np.ndarray, what: str) -> None:

@@ -87,9 +87,10 @@ def train_model(cfg: Config, out: str, exclude: Sequence[tuple[str, str]] | None
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from ctray.core.budget import fits
     from ctray.data.reader import read_shards, usable
     from ctray.engine.cluster import ensure_ray, scaling
-    from ctray.engine.detect import resolve_inputs
+    from ctray.engine.detect import cache_budget, estimate_samples, resolve_inputs
     from ctray.engine.score import collect_scores
     from ctray.training.loop import train_loop_per_worker
 
@@ -100,7 +101,9 @@ def train_model(cfg: Config, out: str, exclude: Sequence[tuple[str, str]] | None
     if not cfg.io.clean:  # resolve_inputs insists on a reserve (detect's need); training has none
         cfg.io.clean = list(cfg.io.train)
     train_paths, _, spec, n_cls = resolve_inputs(cfg)
-    ds = read_shards(train_paths, spec, n_cls, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict).materialize()
+    ds = read_shards(train_paths, spec, n_cls, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict)
+    if fits(2 * estimate_samples(train_paths), spec.shape, cache_budget(cfg)):  # data.cache_bytes, as detect
+        ds = ds.materialize()
     ident = collect_scores(ds, ("sid", "label", "ok"))
     ok = ident["ok"].astype(bool)
     if not ok.any():
@@ -125,7 +128,8 @@ def train_model(cfg: Config, out: str, exclude: Sequence[tuple[str, str]] | None
     # "augment": the training augmentation, which the defenses' augment=auto read back
     prov = {"trained_by": "ctray train", "train": train_paths, "n_excluded": n_ex, "augment": cfg.base.augment,
             **(extra or {})}
-    job = {"cfg": cfg_d, "num_classes": C, "mode": "train", "keep": keep, "model_out": out, "extra": prov}
+    job = {"cfg": cfg_d, "num_classes": C, "mode": "train", "keep": keep, "model_out": out, "extra": prov,
+           "n_total": len(sids), "image_shape": list(spec.shape)}
     base = os.path.dirname(out) if not cio.is_remote(out) else out.rsplit("/", 1)[0]
     storage = cio.join(os.path.abspath(base) if not cio.is_remote(base) else base, ".ray-train")
     t = time.monotonic()

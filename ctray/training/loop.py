@@ -117,6 +117,153 @@ class Sampler:
         self.perm, self.pos = state["perm"].clone(), int(state["pos"])
 
 
+class MemoryBatches:
+    """Batches of an in-memory :class:`LocalSet` drawn by a :class:`Sampler` (the fast path)."""
+
+    streaming = False
+
+    def __init__(self, data: LocalSet, batch: int, seed: int):
+        self.data, self.sampler = data, Sampler(len(data), batch, seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.sampler.next()
+        return self.data.images[idx], self.data.labels[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def restore(self, own: dict[str, Any] | None, name: str, rank: int) -> None:
+        _restore_sampler(self.sampler, own, name, rank)
+
+    def close(self) -> None:
+        pass
+
+
+class StreamBatches:
+    """Endless batches streamed from this worker's Ray Data shard, for a set too large for the worker's
+    memory budget: ``uint8`` images and ``int64`` labels of exactly ``batch`` rows per :meth:`next`.
+
+    Memory: Ray's local shuffle buffer (``shuffle_rows`` rows) plus one chunk; never the whole set.
+    Epochs are aligned to the GLOBAL step: every ``steps_per_epoch`` calls, each worker drains what is
+    left of its epoch and starts the next one, so all workers start an epoch together (``streaming_split``
+    starts an epoch on all splits at once; a worker that restarted on its own would wait for the others
+    while they wait for it in DDP's all-reduce). A worker whose share runs out a few rows before the
+    epoch's last step (Ray equalises rows, the local batch sizes differ by one) repeats rows of its last
+    batch; one whose share is larger leaves a tail under one batch unseen for that epoch (and drains it).
+    ``keep`` (int64 sample ids) filters rows while streaming. ``extra`` (an in-memory set, e.g. the
+    reserve with shifted labels) is mixed in at its share of ``n_set + len(extra)`` rows per batch.
+    """
+
+    streaming = True
+
+    def __init__(self, name: str, batch: int, steps_per_epoch: int, seed: int, shuffle_rows: int,
+                 keep: np.ndarray | None = None, extra: LocalSet | None = None, n_set: int = 0):
+        import ray.train
+
+        self.shard = ray.train.get_dataset_shard(name)
+        self.batch, self.steps_per_epoch, self.seed = batch, max(1, steps_per_epoch), seed
+        self.shuffle_rows, self.keep, self.extra = max(batch, shuffle_rows), keep, extra
+        self.p_extra = len(extra) / (n_set + len(extra)) if extra is not None and n_set + len(extra) else 0.0
+        self.rng = np.random.default_rng(seed)
+        self.epoch, self.step, self.it = 0, 0, None
+        self.carry_x: list[np.ndarray] = []
+        self.carry_y: list[np.ndarray] = []
+        self.last: tuple[np.ndarray, np.ndarray] | None = None
+        self.repeated = 0
+
+    def _start(self) -> None:
+        self.it = iter(self.shard.iter_batches(batch_size=max(64, self.batch), batch_format="numpy",
+                                               local_shuffle_buffer_size=self.shuffle_rows,
+                                               local_shuffle_seed=self.seed * 1009 + self.epoch))
+
+    def _pull(self, need: int) -> tuple[np.ndarray, np.ndarray]:
+        have = sum(len(y) for y in self.carry_y)
+        while have < need and self.it is not None:
+            b = next(self.it, None)
+            if b is None:
+                self.it = None
+                break
+            x, y = b["image"], b["label"].astype(np.int64)
+            if self.keep is not None:
+                m = np.isin(b["sid"], self.keep)
+                x, y = x[m], y[m]
+            if len(y):
+                self.carry_x.append(np.ascontiguousarray(x))
+                self.carry_y.append(y)
+                have += len(y)
+        if not self.carry_y:
+            return np.empty((0,)), np.empty((0,), np.int64)
+        x, y = np.concatenate(self.carry_x), np.concatenate(self.carry_y)
+        self.carry_x, self.carry_y = ([x[need:]], [y[need:]]) if len(y) > need else ([], [])
+        return x[:need], y[:need]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.step == self.steps_per_epoch or self.it is None and self.step == 0:
+            if self.it is not None:
+                for _ in self.it:  # the tail of this worker's epoch (under one batch): drain, then restart
+                    pass
+            if self.step:
+                self.epoch += 1
+            self.step, self.carry_x, self.carry_y = 0, [], []
+            self._start()
+        self.step += 1
+        n_extra = int(self.rng.binomial(self.batch, self.p_extra)) if self.p_extra else 0
+        x, y = self._pull(self.batch - n_extra)
+        short = self.batch - n_extra - len(y)
+        if short > 0:  # this worker's share ran out before the epoch's last step: repeat rows
+            if self.last is None and not len(y):
+                raise RuntimeError(f"dataset shard {self.shard} yielded no row for this worker")
+            px, py = (x, y) if len(y) else self.last  # type: ignore[misc]
+            pick = self.rng.integers(0, len(py), short)
+            x, y = np.concatenate([x, px[pick]]) if len(y) else px[pick], np.concatenate([y, py[pick]])
+            self.repeated += short
+        self.last = (x, y)
+        xt, yt = torch.from_numpy(np.array(x, copy=True)), torch.from_numpy(y)
+        if n_extra:
+            assert self.extra is not None
+            pick_t = torch.from_numpy(self.rng.integers(0, len(self.extra), n_extra))
+            xt, yt = torch.cat([xt, self.extra.images[pick_t]]), torch.cat([yt, self.extra.labels[pick_t]])
+        return xt, yt
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": True, "epoch": self.epoch, "step": self.step}
+
+    def close(self) -> None:
+        """Drain the current epoch (its tail), so the shard's next reader starts a fresh epoch on every
+        worker at the same point."""
+        if self.it is not None:
+            for _ in self.it:
+                pass
+            self.it = None
+        if self.repeated:
+            log.info("streamed %r: %d rows repeated at epoch ends (uneven worker shares)", self.shard, self.repeated)
+
+    def restore(self, own: dict[str, Any] | None, name: str, rank: int) -> None:
+        """A resumed streaming phase keeps the global step schedule; the stream restarts at an epoch
+        start with that epoch's seed (so the order differs from the interrupted run's)."""
+        st = (own or {}).get("samplers", {}).get(name) or {}
+        if st.get("stream"):
+            self.epoch = int(st.get("epoch", 0))
+            log.warning("[w%d] streaming %r resumes at epoch %d from the epoch's start (order not replayed)",
+                        rank, name, self.epoch)
+
+
+def worker_budget_bytes(setting: str, local_world: int) -> int:
+    """The bytes of decoded images a training worker may hold in memory: ``setting`` in bytes
+    (``data.worker_cache_bytes``), or for ``auto`` 20% of this machine's physical memory shared by the
+    ``local_world`` workers on it."""
+    from ctray.core.budget import parse_bytes
+
+    val = parse_bytes(setting)
+    if val is not None:
+        return val
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 * 2**30
+    return int(0.2 * total / max(1, local_world))
+
+
 def local_batch(global_batch: int, rank: int, world: int) -> int:
     """This rank's share of a global batch (the global batch stays fixed whatever the worker count,
     as the reference's DataParallel runs do; specs/ct.md §2)."""
@@ -311,17 +458,57 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     def done_in(phase: str) -> int | None:
         return 0 if resume is None else resume.steps_done(phase)
 
-    full = _load_local("train", None)
-    reserve = _load_local("reserve", None) if mode == "ct" else None
     keep = job.get("keep")
-    dr = full.subset(np.isin(full.sids, keep)) if keep is not None else full
-    n_dr = int(_allreduce_sum(torch.tensor([len(dr)]))[0])
+    reserve = _load_local("reserve", None) if mode == "ct" else None
+    # What this worker holds: the sets that fit its budget, loaded by filtering on sample ids while
+    # streaming its shard once; the others stream every epoch (StreamBatches). Without the driver's
+    # counts (n_total, image_shape) everything is loaded, as before the streaming path existed.
+    shape = job.get("image_shape")
+    n_total = job.get("n_total")
+    n_keep = len(keep) if keep is not None else n_total
+    need_full = mode == "ct" and bool(job.get("train_fbase")) and done_in("f_base") is not None
+    # a set no larger than the shuffle buffer is held whole: streaming it would hold as much in the buffer
+    shuffle_bytes = int(data_cfg.get("shuffle_bytes", 256 * 2**20))
+    budget = max(worker_budget_bytes(str(data_cfg.get("worker_cache_bytes", "auto")), ctx.get_local_world_size()),
+                 shuffle_bytes)
+    per = 1 if shape is None else int(np.prod(shape))
+
+    def fits(n: int | None) -> bool:
+        return shape is None or n is None or math.ceil(n / world) * per <= budget
+
+    full: LocalSet | None = None
+    dr: LocalSet | None
+    if need_full and fits(n_total):
+        full = _load_local("train", None)
+        dr = full.subset(np.isin(full.sids, keep)) if keep is not None else full
+    else:
+        dr = _load_local("train", keep) if fits(n_keep) else None
+    stream_full = need_full and full is None
+    if dr is None or stream_full:
+        log.info("[w%d] round %d: streaming %s from the worker's Ray Data shard (budget %.0f MB per worker; "
+                 "D %s, D_r %s samples)", rank, r, "D and D_r" if dr is None else "D", budget / 1e6, n_total, n_keep)
+    n_dr = int(_allreduce_sum(torch.tensor([len(dr)]))[0]) if dr is not None else int(n_keep or 0)
     times["load"] = time.monotonic() - t0
-    if len(dr) == 0 or (reserve is not None and len(reserve) == 0):
-        raise RuntimeError(f"worker {rank}: empty local share (D_r {len(dr)}, reserve "
+    if (dr is not None and len(dr) == 0) or (reserve is not None and len(reserve) == 0):
+        raise RuntimeError(f"worker {rank}: empty local share (D_r {len(dr) if dr is not None else '-'}, reserve "
                            f"{len(reserve) if reserve is not None else '-'}); use fewer workers for this data size")
-    in_ch = int(full.images.shape[3])
-    size = int(full.images.shape[1])
+    if shape is not None:
+        size, in_ch = int(shape[0]), int(shape[2])
+    else:
+        assert dr is not None
+        size, in_ch = int(dr.images.shape[1]), int(dr.images.shape[3])
+    shuffle_rows = max(1024, shuffle_bytes // max(1, per))
+
+    def batches(data: LocalSet | None, batch: int, seed_: int, n_global: int, global_bs: int,
+                subset: np.ndarray | None, extra: LocalSet | None = None) -> MemoryBatches | StreamBatches:
+        """In-memory batches of ``data`` (+ ``extra``), or a stream of the shard filtered to ``subset``."""
+        if data is not None:
+            if extra is not None:
+                data = LocalSet(torch.cat([data.images, extra.images]), torch.cat([data.labels, extra.labels]),
+                                np.concatenate([data.sids, extra.sids]))
+            return MemoryBatches(data, batch, seed_)
+        return StreamBatches("train", batch, math.ceil(n_global / global_bs), seed_, shuffle_rows, subset, extra,
+                             n_set=math.ceil(int((n_keep if subset is not None else n_total) or 0) / world))
     held: dict[str, Any] = {"fbase": None, "base": None}  # finished phases' weights, carried by later checkpoints
 
     def spec_of(arch: str) -> ModelSpec:
@@ -335,7 +522,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         return ray.train.torch.prepare_model(m) if world > 1 or scale["use_gpu"] else m
 
     def save(phase: str, step: int, model: torch.nn.Module | None = None, opt: Any = None, sched: Any = None,
-             samplers: dict[str, Sampler] | None = None, gen: torch.Generator | None = None) -> None:
+             samplers: dict[str, Any] | None = None, gen: torch.Generator | None = None) -> None:
         if every is None:
             return
 
@@ -361,29 +548,33 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             if sched is not None:
                 sched.load_state_dict(resume.shared["sched"])
 
-    def run_steps(name: str, phase: str, model: torch.nn.Module, opt: torch.optim.Optimizer, data: LocalSet,
-                  n_global: int, global_bs: int, epochs: int, aug: str, sched: Any = None, start: int = 0) -> None:
+    def run_steps(name: str, phase: str, model: torch.nn.Module, opt: torch.optim.Optimizer, data: LocalSet | None,
+                  n_global: int, global_bs: int, epochs: int, aug: str, sched: Any = None, start: int = 0,
+                  subset: np.ndarray | None = None, extra: LocalSet | None = None) -> None:
+        """``epochs`` epochs of plain steps on ``data`` (+ ``extra``); ``data=None`` streams the shard
+        (filtered to ``subset``). ``n_global`` samples in all workers' sets together."""
         steps_per_epoch = math.ceil(n_global / global_bs)
         total = steps_per_epoch * epochs
-        sampler = Sampler(len(data), local_batch(global_bs, rank, world), seed * 7919 + rank + zlib.crc32(name.encode()) % 997)
+        src = batches(data, local_batch(global_bs, rank, world), seed * 7919 + rank + zlib.crc32(name.encode()) % 997,
+                      n_global, global_bs, subset, extra)
         gen = torch.Generator().manual_seed(seed + rank)
         if start and resume is not None:
-            _restore_sampler(sampler, resume.own, "main", rank)
+            src.restore(resume.own, "main", rank)
             own = resume.own or {}
             if own.get("gen") is not None:
                 gen.set_state(own["gen"])
         prog = Progress(log, f"[w{rank}] {name}", total - start, "steps")
         for s in range(start, total):
-            idx = sampler.next()
-            imgs = data.images[idx]
+            imgs, labels = src.next()
             if aug != "none":
                 imgs = augment(imgs, aug, gen)
-            pretrain_step(model, opt, to_input(imgs.to(device), mean, std), data.labels[idx].to(device))
+            pretrain_step(model, opt, to_input(imgs.to(device), mean, std), labels.to(device))
             prog.update()
             if sched is not None and (s + 1) % steps_per_epoch == 0:
                 sched.step()
             if every and (s + 1) % every == 0 and s + 1 < total:
-                save(phase, s + 1, model, opt, sched, {"main": sampler}, gen)
+                save(phase, s + 1, model, opt, sched, {"main": src}, gen)
+        src.close()
         times[name] = prog.close()
 
     # ---- f_base: plain training on all of D, with augmentation (its predictions label the confusion batch).
@@ -396,9 +587,12 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, base_cfg["milestones"], base_cfg["gamma"])
         restore_opt(opt, sched, start)
         fit_set = dr if mode == "train" else full
-        n_fit = int(_allreduce_sum(torch.tensor([len(fit_set)]))[0])
+        if fit_set is not None:
+            n_fit = int(_allreduce_sum(torch.tensor([len(fit_set)]))[0])
+        else:
+            n_fit = int((n_keep if mode == "train" else n_total) or 0)
         run_steps("f_base" if mode == "ct" else "train", "f_base", fb, opt, fit_set, n_fit, base_cfg["batch_size"],
-                  base_cfg["epochs"], base_cfg["augment"], sched, start)
+                  base_cfg["epochs"], base_cfg["augment"], sched, start, subset=keep if mode == "train" else None)
         fbase_state = held["fbase"] = _state(fb)
         if mode == "train":
             if rank == 0:
@@ -431,25 +625,26 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         if r > 0 and not ct["pretrain_from_scratch"] and job.get("prev_base_ckpt") is not None:
             model.load_state_dict(load_weights(job["prev_base_ckpt"], BASE))
         model = prep(restore(model, start).to(device))
-        pre_set = dr
+        shifted = None
         n_pre = n_dr
         if r >= ct["reserve_in_pretrain_from"]:
             shifted = LocalSet(reserve.images, (reserve.labels + 1) % C, reserve.sids)
-            pre_set = LocalSet(torch.cat([dr.images, shifted.images]), torch.cat([dr.labels, shifted.labels]),
-                               np.concatenate([dr.sids, shifted.sids]))
-            n_pre = int(_allreduce_sum(torch.tensor([len(pre_set)]))[0])
+            n_pre = n_dr + int(_allreduce_sum(torch.tensor([len(shifted)]))[0])
         opt = torch.optim.SGD(model.parameters(), lr=ct["pretrain_lr"], momentum=ct["pretrain_momentum"],
                               weight_decay=ct["pretrain_weight_decay"])
         restore_opt(opt, None, start)
-        run_steps(f"pretrain r{r}", "pretrain", model, opt, pre_set, n_pre, ct["pretrain_batch_size"],
-                  ct["pretrain_epochs"][r], "none", None, start)
+        run_steps(f"pretrain r{r}", "pretrain", model, opt, dr, n_pre, ct["pretrain_batch_size"],
+                  ct["pretrain_epochs"][r], "none", None, start, subset=keep, extra=shifted)
         held["base"] = base_state = _state(model)
         save("confusion", 0)
 
     # ---- confusion training confused_r from base_r
     start = done_in("confusion") or 0
     final = r == ct["rounds"] - 1
-    counts = _allreduce_sum(torch.bincount(dr.labels, minlength=C).to(torch.float64))
+    if dr is not None:
+        counts = _allreduce_sum(torch.bincount(dr.labels, minlength=C).to(torch.float64))
+    else:  # streaming D_r: the driver's per-class counts of the set
+        counts = torch.tensor(job["class_counts"], dtype=torch.float64)
     if final or ct["uniform_class_weights"]:
         w = torch.ones(C, dtype=torch.float32)
     else:
@@ -459,10 +654,11 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     restore_opt(opt, None, start)
     lb = local_batch(ct["batch_size"], rank, world)
     conf_s = Sampler(len(reserve), lb, seed * 31 + rank)
-    insp_s = Sampler(len(dr), lb, seed * 37 + rank)
+    # the inspected batches come from D_r: global epochs of ceil(|D_r| / batch) mixed steps
+    insp_s = batches(dr, lb, seed * 37 + rank, n_dr, ct["batch_size"], keep)
     if start and resume is not None:
         _restore_sampler(conf_s, resume.own, "conf", rank)
-        _restore_sampler(insp_s, resume.own, "insp", rank)
+        insp_s.restore(resume.own, "insp", rank)
     lam, bf, iters = float(ct["lam"][r]), int(ct["batch_factor"][r]), int(ct["iters"][r])
     prog = Progress(log, f"[w{rank}] confusion r{r}", iters - start, "steps")
     for t in range(start, iters):
@@ -470,14 +666,15 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         xc = to_input(reserve.images[ci].to(device), mean, std)
         yc = ((base_pred[ci] + confusion_shift(t, C)) % C).to(device)
         if is_mixed_step(t, bf):
-            ii = insp_s.next()
-            xi, yi = to_input(dr.images[ii].to(device), mean, std), dr.labels[ii].to(device)
+            xb, yb = insp_s.next()
+            xi, yi = to_input(xb.to(device), mean, std), yb.to(device)
             confusion_step(model, opt, xc, yc, xi, yi, w, lam)
         else:
             confusion_step(model, opt, xc, yc, None, None, None, lam)
         prog.update()
         if every and (t + 1) % every == 0 and t + 1 < iters:
             save("confusion", t + 1, model, opt, None, {"conf": conf_s, "insp": insp_s})
+    insp_s.close()
     times[f"confusion r{r}"] = prog.close()
 
     # ---- report one checkpoint (rank 0 writes it; every rank calls report)
