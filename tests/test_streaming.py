@@ -119,4 +119,6 @@ def test_streaming_with_two_workers_keeps_the_global_step_schedule(fm_badnet, tm
     _check_accounting(out, N_TRAIN, rounds=2)
     assert res.n_usable == N_TRAIN
     rounds = json.load(open(f"{out}/rounds.json"))
-    assert rounds[0]["n_train_set"] == N_TRAIN and rounds[1]["n_train_set"] == rounds[0]["kept"]
+    # Ray Train's split is equal=True: it drops up to workers - 1 rows so both shares have the same count
+    # (measured: 2,013 kept, 2,012 trained on); round 0's 4,000 split evenly
+    assert rounds[0]["n_train_set"] == N_TRAIN and 0 <= rounds[0]["kept"] - rounds[1]["n_train_set"] <= 1
