@@ -62,14 +62,17 @@ def test_streaming_path_detects_badnet_with_exact_accounting(fm_badnet, tmp_path
 
 def test_streaming_bad_input_is_accounted_once(fm_badnet, tmp_path):
     """A corrupt image and a non-tar shard on the streaming path: each read sample is scored or
-    quarantined exactly once, although every pass re-reads the shards."""
+    quarantined exactly once, although every pass re-reads the shards (with act.in_detect, whose column
+    is joined to the run's samples by id)."""
     data = _corrupt_copy(fm_badnet, tmp_path / "data", keep=2)
     n = 2 * N_TRAIN // 4
     out = str(tmp_path / "run")
     quick = {"ct.iters": [10] * 6, "ct.pretrain_epochs": [1] * 6, "base.epochs": 1, "base.milestones": [1]}
-    res = detect(_cfg(data, out, **quick, **STREAM))
+    res = detect(_cfg(data, out, **quick, **STREAM, **{"act.in_detect": True}))
     assert res.n_quarantined == 1 and res.n_usable == n - 1 and res.n_read == n
     _check_accounting(out, n)
+    scores = pq.read_table(f"{out}/scores.parquet").to_pandas()  # the BadActs column joined by sample id
+    assert scores["score_act"].notna().all() and scores["flagged_act"].dtype == bool
     q = pq.read_table(f"{out}/quarantine.parquet").to_pandas()
     assert q[q.level == "shard"]["shard"].tolist() == ["train-999999.tar"]
     run = json.load(open(f"{out}/run.json"))

@@ -500,7 +500,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         act = activation_scores(cio.join(state["fbase_ckpt"], FBASE), train_paths, clean_paths, cfg)
         a_sid = sample_ids(act.shard.tolist(), act.key.tolist())
         s_act, f_act = np.full(N, np.nan), np.zeros(N, bool)
-        s_act[:n] = align(a_sid, act.score)[:n] if len(a_sid) == N else _by_sid(a_sid, act.score, sids[:n], np.nan)
+        s_act[:n] = _by_sid(a_sid, act.score, sids[:n], np.nan)
         f_act[:n] = _by_sid(a_sid, act.flagged, sids[:n], False)
         cols["score_act"], cols["flagged_act"] = s_act, f_act
         secs["act"] = time.monotonic() - t_act
