@@ -124,35 +124,17 @@ def load_truth(path: str, shards: np.ndarray, keys: np.ndarray) -> tuple[np.ndar
     """Ground truth aligned to ``(shards, keys)``: ``(poison bool (N,), cover bool (N,))``.
 
     Accepts parquet or csv with columns ``shard, key, poison`` (+ optional ``cover``). Samples the truth
-    does not list count as clean; truth rows matching no sample are reported.
+    does not list count as clean; truth rows matching no sample are reported. The join is by sample id
+    (:func:`ctray.engine.identity.truth_by_sid`, which the detection driver uses directly).
     """
-    import pandas as pd
+    from ctray.data.shards import sample_ids
+    from ctray.engine.identity import truth_by_sid
 
-    try:
-        df = cio.read_parquet(path).to_pandas() if path.endswith(".parquet") else pd.read_csv(path)
-    except Exception as e:
-        raise DataError(f"cannot read truth file {path}: {e}") from e
-    missing = {"shard", "key", "poison"} - set(df.columns)
-    if missing:
-        raise DataError(f"truth file {path} lacks columns {sorted(missing)} (needs shard, key, poison[, cover])")
-    idx = {(s, k): i for i, (s, k) in enumerate(zip(shards.tolist(), keys.tolist(), strict=True))}
-    poison = np.zeros(len(keys), bool)
-    cover = np.zeros(len(keys), bool)
-    matched = 0
-    has_cover = "cover" in df.columns
-    for row in df.itertuples(index=False):
-        i = idx.get((str(row.shard), str(row.key)))
-        if i is None:
-            continue
-        matched += 1
-        poison[i] = bool(row.poison)
-        if has_cover:
-            cover[i] = bool(row.cover)
-    if matched == 0:
-        raise DataError(f"truth file {path}: none of its {len(df)} rows matches a sample (shard, key) of the run;"
-                        f" first run shard ids: {sorted(set(shards.tolist()))[:3]}")
-    if matched < len(df):
-        log.warning("truth: %d of %d rows match no usable sample (quarantined or absent)", len(df) - matched, len(df))
+    sids = sample_ids([str(x) for x in np.asarray(shards).tolist()], [str(x) for x in np.asarray(keys).tolist()])
+    order = np.argsort(sids, kind="stable")
+    p_sorted, c_sorted = truth_by_sid(path, sids[order])
+    poison, cover = np.zeros(len(sids), bool), np.zeros(len(sids), bool)
+    poison[order], cover[order] = p_sorted, c_sorted
     return poison, cover
 
 

@@ -202,18 +202,22 @@ def truth_by_sid(path: str, sids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from ctray.data.shards import sample_ids
     from ctray.errors import DataError
 
-    if path.endswith(".parquet"):
-        import io
+    try:
+        if path.endswith(".parquet"):
+            import io
 
-        pf = pq.ParquetFile(io.BytesIO(cio.read_bytes(path)) if cio.is_remote(path) else path)
-        names = set(pf.schema_arrow.names)
-        parts: Iterator[Any] = (b.to_pandas() for b in pf.iter_batches(batch_size=_BATCH))
-    else:
-        df = pd.read_csv(path)
-        names = set(df.columns)
-        parts = iter([df])
-    if not {"shard", "key", "poison"} <= names:
-        raise DataError(f"truth file {path} must have columns shard, key, poison (got {sorted(names)})")
+            pf = pq.ParquetFile(io.BytesIO(cio.read_bytes(path)) if cio.is_remote(path) else path)
+            names = set(pf.schema_arrow.names)
+            parts: Iterator[Any] = (b.to_pandas() for b in pf.iter_batches(batch_size=_BATCH))
+        else:
+            df = pd.read_csv(path)
+            names = set(df.columns)
+            parts = iter([df])
+    except Exception as e:
+        raise DataError(f"cannot read truth file {path}: {e}") from e
+    missing = {"shard", "key", "poison"} - names
+    if missing:
+        raise DataError(f"truth file {path} lacks columns {sorted(missing)} (needs shard, key, poison[, cover])")
     has_cover = "cover" in names
     n = len(sids)
     poison, cover = np.zeros(n, bool), np.zeros(n, bool)
