@@ -61,9 +61,13 @@ class DataConfig:
     # its share fits worker_cache_bytes ("auto" = 20% of the worker machine's RAM over the workers on it),
     # loaded by filtering on sample ids while streaming; otherwise every epoch streams from its Ray Data
     # shard through a local shuffle buffer of shuffle_bytes (so a set within shuffle_bytes is always held).
+    # Ray Data's blocks in flight (read -> decode -> score) are capped at inflight_bytes of object store
+    # ("auto" = 25% of the cluster's object store, below Ray's own default of half, so a cache within
+    # cache_bytes and the stream's blocks together stay under two thirds of the store and nothing spills).
     cache_bytes: str = "auto"
     worker_cache_bytes: str = "auto"
     shuffle_bytes: int = 256 * 2**20
+    inflight_bytes: str = "auto"
 
 
 #: training augmentations (base.augment; what a checkpoint records in extra["augment"])
@@ -73,7 +77,8 @@ TRAIN_AUGMENTS = ("crop-flip", "crop", "none")
 AUGMENTS = ("auto", *TRAIN_AUGMENTS)
 #: ``data.*`` keys that set how a run uses the machine, never what it computes: run fingerprints (resume,
 #: bench cells) ignore them and a sweep's best.yaml leaves them out.
-DATA_RESOURCE_KEYS = ("read_cpus", "score_batch_size", "score_actors", "score_cpus", "score_compute", "cache_bytes")
+DATA_RESOURCE_KEYS = ("read_cpus", "score_batch_size", "score_actors", "score_cpus", "score_compute", "cache_bytes",
+                      "inflight_bytes")
 
 
 @dataclass
@@ -463,11 +468,14 @@ class Config:
             raise ConfigError(f"scale.num_workers must be >= 0 (0 = local mode), got {self.scale.num_workers}")
         from ctray.core.budget import parse_bytes
 
-        for name in ("cache_bytes", "worker_cache_bytes"):
+        for name in ("cache_bytes", "worker_cache_bytes", "inflight_bytes"):
             try:
                 parse_bytes(getattr(self.data, name))
             except ValueError as e:
                 raise ConfigError(f"data.{name}: {e}") from None
+        if parse_bytes(self.data.inflight_bytes) == 0:
+            raise ConfigError("data.inflight_bytes must be 'auto' or a size > 0 (Ray Data needs room for at least "
+                              "a few blocks in flight), got 0")
         if self.data.shuffle_bytes < 0:
             raise ConfigError(f"data.shuffle_bytes must be >= 0, got {self.data.shuffle_bytes}")
         if self.scale.cpus_per_worker < 0 or self.scale.gpus_per_worker <= 0:

@@ -95,16 +95,22 @@ def test_sampler_state_round_trip_continues_the_same_batches():
 
 def test_scoring_guard_refuses_lost_or_repeated_rows():
     """A retried Ray Data task must neither drop nor repeat rows; the driver checks before writing."""
-    from ctray.engine.detect import _check_scored
+    from ctray.core.index import ColumnFiller, SampleIndex
 
-    want = np.array([1, 5, 9, 12], dtype=np.int64)  # sorted usable ids
-    _check_scored(np.array([9, 1, 12, 5]), want, "pass")  # any order is fine
+    index = SampleIndex(np.array([1, 5, 9, 12], dtype=np.int64))  # the driver's usable ids
+
+    def run(got: list[int], what: str = "pass") -> np.ndarray:
+        f = ColumnFiller(index, {"loss": np.float32})
+        f.add(np.array(got, dtype=np.int64), {"loss": np.array(got, dtype=np.float32) / 2})
+        return f.finish(what)["loss"]
+
+    assert run([9, 1, 12, 5]).tolist() == [0.5, 2.5, 4.5, 6.0]  # any order is fine
     with pytest.raises(RuntimeError, match=r"got 3 rows for 4 usable samples \(1 missing, 0 repeated"):
-        _check_scored(np.array([9, 1, 12]), want, "pass")
+        run([9, 1, 12])
     with pytest.raises(RuntimeError, match=r"got 5 rows .*\(0 missing, 1 repeated, 0 unknown"):
-        _check_scored(np.array([9, 1, 12, 5, 5]), want, "pass")
+        run([9, 1, 12, 5, 5])
     with pytest.raises(RuntimeError, match="scoring pass of round 2: .*1 missing, 0 repeated, 1 unknown"):
-        _check_scored(np.array([9, 1, 12, 7]), want, "scoring pass of round 2")
+        run([9, 1, 12, 7], "scoring pass of round 2")
 
 
 @pytest.mark.slow

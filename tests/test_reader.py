@@ -200,3 +200,34 @@ def test_images_to_numpy_on_arrow_table(mixed_ds):
     table = pa.concat_tables(parts)
     arr = R.images_to_numpy(table["image"])
     assert arr.shape == (20, *SPEC.shape) and arr.dtype == np.uint8
+
+
+def test_keep_decodes_only_the_kept_samples(ray_session, mixed, mixed_ds):
+    """A pass over a known subset (a round's kept set on the streaming path) yields exactly those samples,
+    with the pixels a full read gives, plus the shard-level rows; the others are skipped, not decoded."""
+    d, _, _ = mixed
+    full = {int(s): (str(k), bool(o)) for b in mixed_ds.iter_batches(batch_size=None, batch_format="numpy")
+            for s, k, o in zip(b["sid"], b["key"], b["ok"], strict=True)}
+    ok_sids = np.array(sorted(s for s, (_, o) in full.items() if o), dtype=np.int64)
+    kept = ok_sids[::3]
+    sub = R.read_shards(d, SPEC, NUM_CLASSES, rows_per_block=16, keep=kept)
+    rows = {int(s): (str(lv), bool(o)) for b in sub.iter_batches(batch_size=None, batch_format="numpy")
+            for s, lv, o in zip(b["sid"], b["level"], b["ok"], strict=True)}
+    samples = {s for s, (lv, _) in rows.items() if lv == "sample"}
+    assert samples == set(kept.tolist())
+    assert all(o for s, (_, o) in rows.items() if s in samples)
+    assert sum(1 for lv, _ in rows.values() if lv == "shard") == 3  # truncated, not a tar, empty: as without keep
+    u = R.usable(sub).iter_batches(batch_size=None, batch_format="numpy")
+    got = {int(s): img for b in u for s, img in zip(b["sid"], b["image"], strict=True)}
+    ref = {int(s): img for b in R.usable(mixed_ds).iter_batches(batch_size=None, batch_format="numpy")
+           for s, img in zip(b["sid"], b["image"], strict=True) if int(s) in got}
+    assert len(got) == len(kept) and all(np.array_equal(got[s], ref[s]) for s in got)
+
+
+def test_select_skips_before_decoding(mixed):
+    """iter_shard's select: rejected keys never reach the decoder (a broken image is not even seen)."""
+    d, _, _ = mixed
+    path = os.path.join(d, "b-samples.tar")
+    recs = list(S.iter_shard(path, "b-samples.tar", SPEC, NUM_CLASSES, select=lambda k: k in ("ok1", "rgb")))
+    assert [(r.key, r.reason) for r in recs] == [("ok1", ""), ("rgb", "")]
+    assert list(S.iter_shard(path, "b", SPEC, NUM_CLASSES, select=lambda k: False)) == []

@@ -90,8 +90,7 @@ def likelihood_ratios(proj: np.ndarray, labels: np.ndarray, preds: np.ndarray, n
         raise DataError(f"proj must have shape (N, 2), got {p.shape}")
     if p.size and not (np.issubdtype(p.dtype, np.floating) or np.issubdtype(p.dtype, np.integer)):
         raise DataError(f"proj must be real numbers, got dtype {p.dtype}")
-    p = p.astype(np.float64, copy=False)
-    _check_same_len("proj", p, lab.size)
+    _check_same_len("proj", p, lab.size)  # float32 stays float32: each class's points become float64 below
     if not np.isfinite(p).all():
         raise DataError(f"proj holds {int((~np.isfinite(p)).sum())} non-finite values (NaN or inf)")
     pr = _check_preds(preds, lab.size)
@@ -106,7 +105,7 @@ def likelihood_ratios(proj: np.ndarray, labels: np.ndarray, preds: np.ndarray, n
         n_s, n_i = idx.size, int(iso.sum())
         if not 2 <= n_i <= n_s - 2:
             continue
-        pts = p[idx]
+        pts = p[idx].astype(np.float64)
         pts_i, pts_o = pts[iso], pts[~iso]
         mu_i, cov_i = _gaussian_fit(pts_i)
         mu_o, cov_o = _gaussian_fit(pts_o)
@@ -127,7 +126,7 @@ def _check_preds(preds: np.ndarray, n: int) -> np.ndarray:
     if pr.size and not np.issubdtype(pr.dtype, np.integer):
         raise DataError(f"preds must hold integers (argmax class ids), got dtype {pr.dtype}")
     _check_same_len("preds", pr, n)
-    return pr.astype(np.int64, copy=False)
+    return pr
 
 
 def _check_threshold(name: str, value: float) -> float:

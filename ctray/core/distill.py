@@ -21,7 +21,8 @@ _WEIGHT_EPS = 0.001
 
 
 def check_labels(labels: np.ndarray, num_classes: int, name: str = "labels") -> np.ndarray:
-    """Validate a 1-D integer label array with values in ``[0, num_classes)``; return it as int64.
+    """Validate a 1-D integer label array with values in ``[0, num_classes)``; return it (its own integer
+    dtype, not copied: the driver's labels are int16 for most class counts).
 
     Shared by the core modules (private to ``ctray.core``; callers use the public functions).
 
@@ -36,7 +37,6 @@ def check_labels(labels: np.ndarray, num_classes: int, name: str = "labels") -> 
         raise DataError(f"{name} must be 1-D (N,), got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise DataError(f"{name} must hold integers, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
     if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
         bad = arr[(arr < 0) | (arr >= num_classes)][0]
         raise DataError(f"{name} must lie in [0, {num_classes}), found {int(bad)}")
@@ -135,27 +135,28 @@ def distill(losses: np.ndarray, labels: np.ndarray, keep_n: int, floor_k: int, n
     if isinstance(floor_k, bool) or not isinstance(floor_k, int | np.integer) or floor_k < 1:
         raise ConfigError(f"floor_k must be an integer >= 1, got {floor_k!r}")
 
-    loss = loss.astype(np.float64, copy=True)
-    nan = np.isnan(loss)
-    if nan.any():
+    # Memory: the driver runs this over all of D, so only N-sized temporaries that are needed: the loss
+    # order (8 B/sample), the mask (1 B) and, when some class is below its floor, the label order (8 B).
+    nan = np.isnan(loss) if np.issubdtype(loss.dtype, np.floating) else None
+    if nan is not None and nan.any():
         log.warning("distill: %d of %d losses are NaN; they are treated as +inf (kept last)", int(nan.sum()), n)
+        loss = loss.astype(np.float64, copy=True)
         loss[nan] = np.inf
+    del nan
 
     order = np.argsort(loss, kind="stable")  # global loss order, ties by index
     keep = np.zeros(n, dtype=bool)
     keep[order[:keep_n]] = True
-
-    # Rank of every sample within its own class in loss order: a stable sort of the labels taken in
-    # global loss order groups the classes while keeping each class's loss order.
-    lab_in_order = lab[order]
-    by_class = np.argsort(lab_in_order, kind="stable")
+    del order
+    # The kept prefix holds the lowest-loss members of each class (ties by index), so a class below its
+    # floor gets its next-lowest members in the same order: sort within the class by (loss, index).
     counts = np.bincount(lab, minlength=num_classes)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    rank_sorted = np.arange(n) - np.repeat(starts, counts)  # rank within class, in by_class order
-    class_rank = np.empty(n, dtype=np.int64)
-    class_rank[order[by_class]] = rank_sorted
-    # The kept prefix holds exactly the lowest-ranked members of each class, so "rank < floor" adds
-    # precisely the next-lowest samples not yet kept.
     floor = counts // int(floor_k)
-    keep |= class_rank < floor[lab]
+    short = np.flatnonzero(floor > np.bincount(lab[keep], minlength=num_classes))
+    if short.size:
+        by_class = np.argsort(lab, kind="stable")  # ascending index within each class
+        bounds = np.concatenate(([0], np.cumsum(counts)))
+        for c in short:
+            idx = by_class[bounds[c]:bounds[c + 1]]
+            keep[idx[np.argsort(loss[idx], kind="stable")[:floor[c]]]] = True
     return np.flatnonzero(keep).astype(np.int64, copy=False)

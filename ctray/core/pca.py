@@ -219,7 +219,7 @@ def project(features: np.ndarray, labels: np.ndarray, axes: np.ndarray, means: n
     # (x - mu_c) @ A_c = x @ A_c - mu_c @ A_c. Chunked so the (chunk, C * k) product stays ~64 MB.
     flat = np.ascontiguousarray(ax.transpose(1, 0, 2).reshape(d, c * k))  # (D, C*k)
     offset = np.einsum("cd,cdk->ck", mu, ax)  # (C, k)
-    cols = lab[:, None] * k + np.arange(k)[None, :]  # (B, k) own-class columns
+    cols = lab.astype(np.int64)[:, None] * k + np.arange(k)[None, :]  # (B, k) own-class columns
     out = np.empty((x.shape[0], k))
     chunk = max(1, _OUTER_CHUNK_ELEMS // (c * k))
     for a in range(0, x.shape[0], chunk):

@@ -163,12 +163,29 @@ class _BlockBuilder:
         return table
 
 
+def _id_selector(keep: np.ndarray, shard_id: str) -> Any:
+    """``key -> bool``: whether ``sample_id(shard_id, key)`` is in ``keep`` (sorted int64)."""
+    def select(key: str) -> bool:
+        sid = sample_id(shard_id, key)
+        i = int(np.searchsorted(keep, sid))
+        return i < len(keep) and int(keep[i]) == sid
+
+    return select
+
+
 def _read_shard_group(paths: Sequence[str], ids: Sequence[str], spec: ImageSpec,
-                      num_classes: int | None, rows_per_block: int, strict: bool) -> Iterator[pa.Table]:
-    """The body of one read task: parse ``paths`` in order, yield tables of <= ``rows_per_block`` rows."""
+                      num_classes: int | None, rows_per_block: int, strict: bool,
+                      keep: Any = None) -> Iterator[pa.Table]:
+    """The body of one read task: parse ``paths`` in order, yield tables of <= ``rows_per_block`` rows.
+    With ``keep`` (an ObjectRef of, or a, sorted int64 array of sample ids) only those samples are
+    decoded and yielded."""
+    kept = None
+    if keep is not None:
+        kept = np.asarray(ray.get(keep) if isinstance(keep, ray.ObjectRef) else keep, dtype=np.int64)
     builder = _BlockBuilder(spec, rows_per_block)
     for path, shard_id in zip(paths, ids, strict=True):
-        for rec in iter_shard(path, shard_id, spec, num_classes):
+        select = _id_selector(kept, shard_id) if kept is not None else None
+        for rec in iter_shard(path, shard_id, spec, num_classes, select=select):
             if rec.level == "shard":
                 if strict:
                     raise DataError(f"shard {shard_id} ({path}): {rec.reason}")
@@ -189,8 +206,9 @@ class ShardDatasource(Datasource):
 
     def __init__(self, paths: Sequence[str], spec: ImageSpec, num_classes: int | None, *,
                  shards_per_task: int = 1, rows_per_block: int = 1024, strict: bool = False,
-                 ids: dict[str, str] | None = None):
+                 ids: dict[str, str] | None = None, keep: Any = None):
         super().__init__()
+        self.keep = keep
         if shards_per_task < 1:
             raise DataError(f"shards_per_task must be >= 1, got {shards_per_task}")
         if rows_per_block < 1:
@@ -224,7 +242,7 @@ class ShardDatasource(Datasource):
             size = None if any(s is None for s in sizes) else int(sum(s for s in sizes if s is not None))
             read_fn = functools.partial(
                 _read_shard_group, tuple(group), tuple(self.ids[p] for p in group), self.spec,
-                self.num_classes, self.rows_per_block, self.strict)
+                self.num_classes, self.rows_per_block, self.strict, self.keep)
             meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=tuple(group))
             tasks.append(ReadTask(read_fn, meta, schema=schema, per_task_row_limit=per_task_row_limit))
         return tasks
@@ -241,7 +259,7 @@ def _local_size(path: str) -> int | None:
 
 def read_shards(paths: str | Sequence[str], spec: ImageSpec, num_classes: int | None, *,
                 num_cpus: float = 0.25, shards_per_task: int = 1, rows_per_block: int = 1024,
-                strict: bool = False) -> ray.data.Dataset:
+                strict: bool = False, keep: np.ndarray | None = None) -> ray.data.Dataset:
     """Read WebDataset shards into a Dataset of one row per sample (schema: module docstring).
 
     Args:
@@ -259,13 +277,18 @@ def read_shards(paths: str | Sequence[str], spec: ImageSpec, num_classes: int | 
             (not a tar, truncated, empty) instead of writing a quarantine row. It surfaces when the
             Dataset executes, as a ``ray.exceptions.RayTaskError`` that is also an instance of
             ``DataError`` (Ray's ``as_instanceof_cause``); its message names the shard and the reason.
+        keep: int64 sample ids: only these samples are decoded and become rows (shard-level failure rows
+            still appear); the rest are skipped before decoding. For a pass over a known subset (a
+            round's kept set) when D is not cached: it costs a tar scan, not a decode, per other sample.
+            Put in the object store once and read by every task (not copied into each task).
 
     Raises:
         DataError: no shard matches ``paths`` (at call time); with ``strict``, at execution.
     """
     resolved = expand_shards(paths)
+    ref = ray.put(np.unique(np.asarray(keep, dtype=np.int64))) if keep is not None else None
     ds_src = ShardDatasource(resolved, spec, num_classes, shards_per_task=shards_per_task,
-                             rows_per_block=rows_per_block, strict=strict)
+                             rows_per_block=rows_per_block, strict=strict, keep=ref)
     n_tasks = -(-len(resolved) // shards_per_task)
     log.info("reading %d shards in %d read tasks (num_cpus=%s each)", len(resolved), n_tasks, num_cpus)
     return ray.data.read_datasource(ds_src, num_cpus=num_cpus, override_num_blocks=n_tasks)

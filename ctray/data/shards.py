@@ -400,7 +400,7 @@ def _finish(shard: str, key: str, members: dict[str, bytes], spec: ImageSpec | N
 
 
 def iter_shard(path: str, shard_id: str, spec: ImageSpec | None, num_classes: int | None,
-               fileobj: BinaryIO | None = None) -> Iterator[Record]:
+               fileobj: BinaryIO | None = None, select: Callable[[str], bool] | None = None) -> Iterator[Record]:
     """Parse one shard into :class:`Record` s, streaming (one sample's members in memory at a time).
 
     Every sample found yields exactly one record, ok or with a quarantine ``reason``. Shard-level
@@ -413,6 +413,10 @@ def iter_shard(path: str, shard_id: str, spec: ImageSpec | None, num_classes: in
         shard_id: the identity string written in every record's ``shard``.
         spec: the run's image spec; None keeps native size/channels (used to probe a dataset).
         num_classes: labels must lie in ``[0, num_classes)``; None skips the upper bound.
+        select: when given, only samples whose key it accepts are decoded and yielded (a pass that wants a
+            known subset, e.g. a round's kept set, skips the decode of the rest); the others are not
+            records of this pass, so "every sample yields a record" holds for the selected ones. Shard-level
+            records are yielded as without it.
     """
     seen: set[str] = set()
     n = 0
@@ -424,6 +428,9 @@ def iter_shard(path: str, shard_id: str, spec: ImageSpec | None, num_classes: in
         if cur_key is None:
             return
         n += 1
+        if select is not None and not select(cur_key):
+            seen.add(cur_key)
+            return
         if cur_key in seen:
             yield Record(shard_id, cur_key, None, -1, "", reason=R_DUP)
             return

@@ -25,8 +25,9 @@ LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
 _NOT_ASKED = ("memory", "object_store_memory")
 
 
-def ensure_ray() -> None:
-    """Attach to a running cluster (``RAY_ADDRESS`` / ``ray start``) or start a local one."""
+def ensure_ray(cfg: Config | None = None) -> None:
+    """Attach to a running cluster (``RAY_ADDRESS`` / ``ray start``) or start a local one; with ``cfg``,
+    apply its Ray Data limits (:func:`apply_data_limits`)."""
     import ray
 
     if not ray.is_initialized():
@@ -39,6 +40,48 @@ def ensure_ray() -> None:
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    if cfg is not None:
+        apply_data_limits(cfg)
+
+
+#: ``data.inflight_bytes=auto``: this share of the cluster's object store for Ray Data's blocks in flight.
+INFLIGHT_SHARE = 0.25
+
+
+def inflight_budget(cfg: Config) -> int:
+    """Bytes of object store Ray Data may fill with blocks in flight (``data.inflight_bytes``; ``auto`` =
+    :data:`INFLIGHT_SHARE` of the connected cluster's object store)."""
+    import ray
+
+    from ctray.core.budget import parse_bytes
+
+    val = parse_bytes(cfg.data.inflight_bytes)
+    if val is not None:
+        return val
+    return int(INFLIGHT_SHARE * float(ray.cluster_resources().get("object_store_memory", 0.0)))
+
+
+def apply_data_limits(cfg: Config) -> int:
+    """Cap Ray Data's object store use at :func:`inflight_budget` for every Dataset created after this call
+    (a Dataset copies the driver's ``DataContext`` when it is created). Ray's default is half the store,
+    which does not grow with N either, but it is not a budget the user sees, and with a cache of
+    ``data.cache_bytes`` beside it the store can fill and spill. Returns the budget in bytes."""
+    import ray.data
+
+    budget = inflight_budget(cfg)
+    opts = ray.data.DataContext.get_current().execution_options
+    opts.resource_limits = opts.resource_limits.copy(object_store_memory=float(budget))
+    log.info("Ray Data: at most %.0f MB of blocks in flight in the object store (data.inflight_bytes)", budget / 1e6)
+    return budget
+
+
+def train_data_config() -> Any:
+    """Ray Train's ``DataConfig`` with the driver's Ray Data limits (:func:`apply_data_limits`): Train
+    resolves its ingest options where it runs (a controller actor), which does not see the driver's
+    ``DataContext``."""
+    import ray.train
+
+    return ray.train.DataConfig(execution_options=ray.train.DataConfig.default_ingest_options())
 
 
 def alive_node_shapes(nodes: list[dict[str, Any]]) -> list[NodeShape]:

@@ -184,14 +184,14 @@ def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ctray.engine.cluster import ensure_ray, scaling
+    from ctray.engine.cluster import ensure_ray, scaling, train_data_config
     from ctray.training.finetune import finetune_loop_per_worker
 
     cfg.validate()
     if not out:
         raise ConfigError("no output checkpoint: give --out")
     model_path, out = _abs(model_path), _abs(out)
-    ensure_ray()
+    ensure_ray(cfg)
     what = "trusted clean" if method == "repair" else "unlabeled"
     ds, paths = _read(shards, model_path, cfg, what)
     ds = ds.select_columns(["sid", "image", "label"], num_cpus=cfg.data.read_cpus).materialize()
@@ -215,7 +215,7 @@ def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], 
     # default), whose loop may return a value (result.return_value); mypy sees only the V1 declaration
     result = TorchTrainer(
         finetune_loop_per_worker,  # type: ignore[arg-type]
-        train_loop_config=job, scaling_config=scaling_cfg, datasets={"train": ds},
+        train_loop_config=job, scaling_config=scaling_cfg, dataset_config=train_data_config(), datasets={"train": ds},
         run_config=ray.train.RunConfig(name=f"{method}-{os.path.basename(out)}-{int(time.time() * 1e3)}",
                                        storage_path=cio.join(base, ".ray-train"),
                                        failure_config=ray.train.FailureConfig(max_failures=2))).fit()
@@ -429,7 +429,7 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
     from ctray.models.checkpoint import load_state
 
     cfg.validate()
-    ensure_ray()
+    ensure_ray(cfg)
     t0 = time.monotonic()
     model_path = _abs(model_path)
     what = "trusted clean" if cfg.audit.use_labels else "unlabeled"
@@ -692,7 +692,7 @@ def activation_scores(model_path: str, shards: Sequence[str], clean_shards: Sequ
     from ctray.engine.cluster import ensure_ray
 
     cfg.validate()
-    ensure_ray()
+    ensure_ray(cfg)
     t0 = time.monotonic()
     model_path = _abs(model_path)
     fit = fit_act_intervals(model_path, clean_shards, cfg)
@@ -739,7 +739,7 @@ def purify_model(cfg: Config, model_path: str, clean: Sequence[str], out: str) -
     from ctray.training.steps import to_input
 
     cfg.validate()
-    ensure_ray()
+    ensure_ray(cfg)
     t0 = time.monotonic()
     ds, _ = _read(clean, model_path, cfg, "trusted clean")
     data = _to_driver(ds, "trusted clean")

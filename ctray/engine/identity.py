@@ -8,8 +8,8 @@ strings go to a local Parquet file batch by batch (:class:`IdentityStore`), and 
 rows' strings (bounded by the bad input) are kept. The outputs are then written by streaming the store
 back (:func:`write_scores`), one row group per batch, with the numbers gathered by sample id.
 
-Driver memory per sample: the identity pass keeps ``sid int64, label int16, ok / is_sample / converted
-bool`` (13 bytes); the store's batches and Parquet buffers are bounded by the batch size.
+Driver memory per sample: the identity pass keeps ``sid int64, label int16`` (10 bytes; int32 labels
+while it runs); the store's batches and Parquet buffers are bounded by the batch size.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctray import io as cio
+from ctray.core.index import SampleIndex, label_dtype
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ class Identity:
 
     Attributes:
         sids: int64 (U,) usable samples' ids, sorted ascending: the driver's sample order.
-        labels: int64 (U,) their labels.
+        labels: (U,) their labels, the smallest integer dtype that holds them (int16 for < 32,768 classes;
+            :func:`ctray.core.index.label_dtype`).
         n_read: sample rows read (usable + quarantined); shard-level failures are not samples.
         n_converted: usable samples whose mode was converted.
         bad: the not-ok rows (quarantined samples and shard failures) as a table
@@ -169,7 +171,7 @@ def read_identity(ds: Any, num_cpus: float, store_dir: str | None = None) -> Ide
                 n_read += int(np.sum(level == "sample"))
                 sid = t.column("sid").to_numpy()
                 sids.append(sid[ok].astype(np.int64))
-                labels.append(t.column("label").to_numpy()[ok].astype(np.int64))
+                labels.append(t.column("label").to_numpy()[ok].astype(np.int32))
                 note = np.asarray(t.column("note").to_pylist(), dtype=object)
                 n_conv += int(np.sum(ok & (note != "")))
                 if not ok.all():
@@ -181,7 +183,10 @@ def read_identity(ds: Any, num_cpus: float, store_dir: str | None = None) -> Ide
         raise
     store.finish()
     sid_all = np.concatenate(sids) if sids else np.empty(0, np.int64)
-    lab_all = np.concatenate(labels) if labels else np.empty(0, np.int64)
+    del sids
+    lab_all = np.concatenate(labels) if labels else np.empty(0, np.int32)
+    del labels
+    lab_all = lab_all.astype(label_dtype(int(lab_all.max()) + 1 if len(lab_all) else 1), copy=False)
     order = np.argsort(sid_all, kind="stable")
     bad_t = pa.concat_tables(bad) if bad else pa.table(
         {c: pa.array([], type=pa.string()) for c in ("shard", "key", "reason", "level", "source")})
@@ -238,7 +243,7 @@ def truth_by_sid(path: str, sids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return poison, cover
 
 
-def write_scores(path: str, store: IdentityStore, sorted_sids: np.ndarray, order: np.ndarray,
+def write_scores(path: str, store: IdentityStore, index: SampleIndex,
                  columns: dict[str, np.ndarray], n_real: int, want_names: np.ndarray) -> dict[int, tuple[str, str, str]]:
     """Write ``scores.parquet`` by streaming the identity store: one row group per stored batch of
     usable rows, ``shard, key`` from the store, every ``columns[c]`` (driver arrays in the driver's
@@ -247,7 +252,7 @@ def write_scores(path: str, store: IdentityStore, sorted_sids: np.ndarray, order
     Args:
         path: the output (local or remote; a remote file is written locally, then uploaded once).
         store: the identity strings.
-        sorted_sids, order: ``sids[order] == sorted_sids`` for the driver's ``sids``.
+        index: the driver's order (:class:`~ctray.core.index.SampleIndex` of its ``sids``).
         columns: name -> (N,) array in the driver's order.
         n_real: driver entries that are real samples (canaries follow them and are not written).
         want_names: sample ids whose ``(shard, key)`` the caller needs (flagged, top keys).
@@ -268,7 +273,7 @@ def write_scores(path: str, store: IdentityStore, sorted_sids: np.ndarray, order
                 continue
             b = rb.filter(pa.array(ok))
             s = b.column("sid").to_numpy()
-            idx = order[np.searchsorted(sorted_sids, s)]
+            idx = index.positions_of_known(s)
             real = idx < n_real
             tbl = {"shard": b.column("shard"), "key": b.column("key")}
             t = pa.table(tbl).filter(pa.array(real)) if not real.all() else pa.table(tbl)

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ctray.core.index import ColumnFiller
+
 log = logging.getLogger(__name__)
 
 # Model-holding callables per worker process, for the task-pool compute of map_model, by pass token: the
@@ -113,13 +115,24 @@ def score_dataset(ds: Any, ckpt: str, filename: str, arch: str, in_channels: int
 PROJECT_CPUS = 0.05
 
 
-def collect_scores(scored: Any, columns: tuple[str, ...] = ("sid", "loss", "pred", "prob")) -> dict[str, np.ndarray]:
-    """Stream the per-sample scalar columns to the driver (no images, no features)."""
+def collect_scores(scored: Any, columns: tuple[str, ...] = ("sid", "loss", "pred", "prob"),
+                   into: ColumnFiller | None = None) -> dict[str, np.ndarray]:
+    """Stream the per-sample scalar columns to the driver (no images, no features).
+
+    Without ``into``: the columns concatenated in arrival order. With ``into`` (a
+    :class:`~ctray.core.index.ColumnFiller` whose columns are among ``columns``, which must include
+    ``sid``): each batch is written at its ids' positions in the driver's order and ``{}`` is returned
+    (call ``into.finish``); nothing else in proportion to N is held."""
     parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     cols = scored.select_columns(list(columns), num_cpus=PROJECT_CPUS)
     for b in cols.iter_batches(batch_size=8192, batch_format="numpy"):
+        if into is not None:
+            into.add(b["sid"], b)
+            continue
         for c in columns:
             parts[c].append(b[c])
+    if into is not None:
+        return {}
     return {c: (np.concatenate(v) if v else np.empty(0)) for c, v in parts.items()}
 
 
@@ -197,9 +210,9 @@ class _ScalarsMoments:
 
 def scores_and_moments(scored_with_features: Any, num_classes: int, num_cpus: float,
                        columns: tuple[str, ...] = ("sid", "loss", "pred", "prob"),
-                       ) -> tuple[dict[str, np.ndarray], Any]:
+                       into: ColumnFiller | None = None) -> tuple[dict[str, np.ndarray], Any]:
     """One streaming pass over a scored dataset with ``features``: the per-sample ``columns`` (as
-    :func:`collect_scores`) and the per-class feature moments merged on the driver (C x D x D per batch
+    :func:`collect_scores`, ``into`` included) and the per-class feature moments merged on the driver (C x D x D per batch
     of 8,192 rows reaches it, never the features). For a final pass that cannot keep its features.
 
     Raises:
@@ -213,36 +226,41 @@ def scores_and_moments(scored_with_features: Any, num_classes: int, num_cpus: fl
     parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     total = None
     for b in rows.iter_batches(batch_size=None, batch_format="numpy"):
-        for c in columns:
-            parts[c].append(b[c])
+        if into is not None:
+            into.add(b["sid"], b)
+        else:
+            for c in columns:
+                parts[c].append(b[c])
         for blob in b["moments"]:
             if len(blob):
                 m = pickle.loads(blob)
                 total = m if total is None else total.merge(m)
     if total is None:
         raise RuntimeError("no features to project (empty scored dataset)")
-    return {c: np.concatenate(v) for c, v in parts.items()}, total
+    return ({} if into is not None else {c: np.concatenate(v) for c, v in parts.items()}), total
 
 
 def project_features(scored_with_features: Any, axes: np.ndarray, means: np.ndarray,
-                     num_cpus: float) -> dict[str, np.ndarray]:
+                     num_cpus: float, into: ColumnFiller | None = None) -> dict[str, np.ndarray]:
     """Each sample's features projected on its class's axes (``axes (C, 2, D)``, ``means (C, D)``), in one
-    streaming pass; returns ``{"sid", "proj_x", "proj_y"}`` (2 floats per sample reach the driver)."""
+    streaming pass; returns ``{"sid", "proj_x", "proj_y"}`` (2 floats per sample reach the driver), or
+    writes them ``into`` a filler (:func:`collect_scores`)."""
     feats = scored_with_features.select_columns(["sid", "label", "features"], num_cpus=PROJECT_CPUS)
     projected = feats.map_batches(_project_batch, fn_kwargs={"axes": axes, "means": means}, batch_size=4096,
                                   batch_format="numpy", num_cpus=num_cpus)
-    return collect_scores(projected, ("sid", "proj_x", "proj_y"))
+    return collect_scores(projected, ("sid", "proj_x", "proj_y"), into=into)
 
 
-def class_projections(scored_with_features: Any, num_classes: int, num_cpus: float) -> dict[str, np.ndarray]:
+def class_projections(scored_with_features: Any, num_classes: int, num_cpus: float,
+                      into: ColumnFiller | None = None) -> dict[str, np.ndarray]:
     """Within-class 2-D PCA projections of every sample (the decision's first step, specs/ct.md §1.6).
 
     Two streaming passes over the materialized scores, no shuffle: (1) per-batch per-class moments
     (count, sum, outer products; ``ctray.core.pca.FeatureMoments``, associative merge) summed on the
     driver, whose top-2 eigenvectors per class are the principal axes; (2) each sample projected on
     its class's axes. The driver receives C x D x D moments per batch and 2 floats per sample, never the
-    features. Returns ``{"sid", "proj_x", "proj_y"}``.
+    features. Returns ``{"sid", "proj_x", "proj_y"}`` (or writes them ``into`` a filler).
     """
     feats = scored_with_features.select_columns(["sid", "label", "features"], num_cpus=PROJECT_CPUS)
     total = feature_moments(feats, num_classes, num_cpus)
-    return project_features(feats, total.principal_axes(2), total.means(), num_cpus)
+    return project_features(feats, total.principal_axes(2), total.means(), num_cpus, into=into)

@@ -89,7 +89,7 @@ def train_model(cfg: Config, out: str, exclude: Sequence[tuple[str, str]] | None
 
     from ctray.core.budget import fits
     from ctray.data.reader import read_shards, usable
-    from ctray.engine.cluster import ensure_ray, scaling
+    from ctray.engine.cluster import ensure_ray, scaling, train_data_config
     from ctray.engine.detect import cache_budget, estimate_samples, resolve_inputs
     from ctray.engine.score import collect_scores
     from ctray.training.loop import train_loop_per_worker
@@ -97,7 +97,7 @@ def train_model(cfg: Config, out: str, exclude: Sequence[tuple[str, str]] | None
     cfg.validate()
     if not out:
         raise ConfigError("no checkpoint path: give --out")
-    ensure_ray()
+    ensure_ray(cfg)
     if not cfg.io.clean:  # resolve_inputs insists on a reserve (detect's need); training has none
         cfg.io.clean = list(cfg.io.train)
     train_paths, _, spec, n_cls = resolve_inputs(cfg)
@@ -137,7 +137,7 @@ def train_model(cfg: Config, out: str, exclude: Sequence[tuple[str, str]] | None
     # default), whose loop may return a value (result.return_value); mypy sees only the V1 declaration
     result = TorchTrainer(
         train_loop_per_worker,  # type: ignore[arg-type]
-        train_loop_config=job, scaling_config=scaling_cfg, datasets={"train": usable(ds)},
+        train_loop_config=job, scaling_config=scaling_cfg, dataset_config=train_data_config(), datasets={"train": usable(ds)},
         run_config=ray.train.RunConfig(name=f"train-{os.path.basename(out)}-{int(time.time() * 1e3)}",
                                        storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=2))).fit()
