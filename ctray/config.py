@@ -43,6 +43,10 @@ class DataConfig:
     on_mode: str = "convert"  # DESIGN §3: any mode is converted to the run's channels ("quarantine" to refuse)
     on_size: str = "quarantine"  # an image of another size is quarantined ("resize" to resize it)
     strict: bool = False  # a whole-shard failure (not a tar, truncated, empty) raises instead of quarantining
+    # decode guard (hostile input): an image whose header declares more pixels is quarantined before any
+    # pixel is decoded (default 8192 x 8192); a tar member declaring more bytes ends its shard as damage
+    max_pixels: int = 1 << 26
+    max_member_bytes: int = 256 * 2**20
     mean: float = 0.5  # normalisation x' = (x/255 - mean) / std, same for every channel
     std: float = 0.25
     read_cpus: float = 0.25  # fractional CPUs per Ray Data task: avoids the Train/Data 2-CPU deadlock
@@ -476,6 +480,9 @@ class Config:
         if parse_bytes(self.data.inflight_bytes) == 0:
             raise ConfigError("data.inflight_bytes must be 'auto' or a size > 0 (Ray Data needs room for at least "
                               "a few blocks in flight), got 0")
+        if self.data.max_pixels < 1 or self.data.max_member_bytes < 1:
+            raise ConfigError(f"data.max_pixels and data.max_member_bytes must be >= 1, got {self.data.max_pixels} "
+                              f"and {self.data.max_member_bytes}")
         if self.data.shuffle_bytes < 0:
             raise ConfigError(f"data.shuffle_bytes must be >= 0, got {self.data.shuffle_bytes}")
         if self.scale.cpus_per_worker < 0 or self.scale.gpus_per_worker <= 0:

@@ -73,3 +73,9 @@ def write_parquet(path: str, table: pa.Table) -> None:
 
 def read_parquet(path: str) -> pa.Table:
     return pq.read_table(io.BytesIO(read_bytes(path)))
+
+
+def remove(path: str) -> None:
+    """Delete one file (local or object)."""
+    fs, p = _fs(path)
+    fs.delete_file(p)

@@ -15,6 +15,7 @@ sets (N/25 = 80, N/50 = 40) were so small that benign samples got memorised like
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -282,6 +283,32 @@ def test_resume_after_kill(fm_badnet, tmp_path):
     assert res.cleansed_classes == ref.cleansed_classes
 
 
+def test_damaged_resume_files_are_recomputed_or_named(fm_badnet, tmp_path, caplog):
+    """A done round whose checkpoint (or losses / kept file) is damaged is recomputed, with the rounds after
+    it, to the same result (local mode on CPU is deterministic); a damaged state.json is a named error."""
+    from ctray.errors import DataError
+
+    ov = {"io.train": [f"{fm_badnet}/train-000000.tar"], **QUICK4}
+    out = str(tmp_path / "run")
+    first = detect(_cfg(fm_badnet, out, truth=False, **ov))
+    a = pq.read_table(f"{out}/scores.parquet").to_pandas()
+    state = os.path.join(out, "state.json")
+    with open(os.path.join(json.load(open(state))["rounds"][1]["ckpt"], "confused.pt"), "wb") as f:
+        f.write(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING):
+        again = detect(_cfg(fm_badnet, out, truth=False, **ov))
+    assert "resume: round 2's files are damaged (DataError: " in caplog.text and "recomputing rounds 2..4" in caplog.text
+    assert len(json.load(open(state))["rounds"]) == 4
+    b = pq.read_table(f"{out}/scores.parquet").to_pandas()
+    for c in [f"round_loss_{r}" for r in range(4)]:
+        assert np.allclose(a[c], b[c], atol=1e-5), c
+    assert (a["flagged"] == b["flagged"]).all() and again.cleansed_classes == first.cleansed_classes
+    with open(state, "w") as f:
+        f.write('{"fingerprint": "abc", "rou')
+    with pytest.raises(DataError, match=r"resume state .*state.json is unreadable .*delete it to recompute"):
+        detect(_cfg(fm_badnet, out, truth=False, **ov))
+
+
 def test_resume_refuses_other_config(fm_badnet, tmp_path):
     from ctray.errors import ConfigError
 
@@ -305,11 +332,24 @@ def test_resume_fingerprint_ignores_machine_resources_only():
     assert fp() != fp(**{"data.mean": 0.4}) and fp() != fp(**{"ct.lam.0": 21})
 
 
-def test_cli_detect_usage_errors(tmp_path, capsys):
+def test_cli_detect_usage_errors(tmp_path, capsys, fm_badnet):
     from ctray.cli import main
 
     assert main(["detect", "--train", str(tmp_path / "nothing-*.tar"), "--clean", str(tmp_path), "--out",
                  str(tmp_path / "o"), "--preset", "smoke"]) == 2
     assert "matches no file" in capsys.readouterr().err
+    # the CLI, not Ray: a glob that matches nothing is reported in seconds, before any cluster starts
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "ctray.cli", "detect", "--train", str(tmp_path / "none-*.tar"),
+                           "--clean", str(tmp_path), "--out", str(tmp_path / "o2")], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    took = time.monotonic() - t0
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr  # one line, no traceback
+    assert "matches no file" in proc.stderr and not os.path.exists(tmp_path / "o2")
+    print(f"nonexistent --train glob: exit 2 in {took:.1f}s")
+    (tmp_path / "afile").write_text("x")
+    assert main(["detect", "--train", f"{fm_badnet}/train-*.tar", "--clean", f"{fm_badnet}/clean-*.tar", "--out",
+                 str(tmp_path / "afile"), "--preset", "smoke"]) == 2
+    assert f"--out {tmp_path / 'afile'} is an existing file" in capsys.readouterr().err
     assert main(["validate", "--preset", "smoke", "ct.nope=1"]) == 2
     assert "unknown config field" in capsys.readouterr().err

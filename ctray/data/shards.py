@@ -17,6 +17,7 @@ import logging
 import os
 import posixpath
 import tarfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
@@ -44,6 +45,19 @@ R_SIZE = "image size differs from the run's"
 R_MODE = "image mode differs from the run's"
 R_DUP = "duplicate key in shard"
 R_BAD_JSON = "invalid .json metadata"
+R_FORMAT = "image format not PNG, JPEG or WebP"
+R_TOO_LARGE = "image dimensions over data.max_pixels"
+R_SPECIAL = "member is a link or device, not a regular file"
+R_BAD_NAME = "member name is not valid UTF-8"
+
+#: The image formats the input contract names, recognised by content (never by extension): PIL is never
+#: asked to try its other decoders (EPS would start Ghostscript, an external interpreter, on input bytes).
+DECODE_FORMATS = ("PNG", "JPEG", "WEBP")
+#: Default of ``data.max_pixels``: 8192 x 8192, far above any training image; checked from the header
+#: before a pixel is decoded (a few-KB PNG can declare 12,000 x 12,000 pixels).
+MAX_PIXELS = 1 << 26
+#: Default of ``data.max_member_bytes``: a tar member declaring more is damage (or an attack), not a sample.
+MAX_MEMBER_BYTES = 256 * 2**20
 
 # Mode -> channels after conversion. Palette and alpha images are converted (alpha dropped).
 _MODE_CHANNELS = {"1": 1, "L": 1, "LA": 1, "I": 1, "I;16": 1, "F": 1, "P": 3, "RGB": 3, "RGBA": 3,
@@ -61,6 +75,9 @@ class ImageSpec:
             and counts it; ``"quarantine"`` quarantines images whose native channels differ.
         on_size: ``"quarantine"`` (default) quarantines images of another size; ``"resize"`` resizes them
             (bilinear) and counts it.
+        max_pixels: an image declaring more pixels (width x height, from its header) is quarantined
+            before any pixel is decoded.
+        max_member_bytes: a tar member declaring more bytes ends the shard's parse as damage.
     """
 
     height: int
@@ -68,6 +85,8 @@ class ImageSpec:
     channels: int
     on_mode: Literal["convert", "quarantine"] = "convert"
     on_size: Literal["quarantine", "resize"] = "quarantine"
+    max_pixels: int = MAX_PIXELS
+    max_member_bytes: int = MAX_MEMBER_BYTES
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -325,8 +344,24 @@ def decode_image(data: bytes, spec: ImageSpec | None) -> tuple[np.ndarray | None
         ``(image, reason, note)``: ``image`` is None and ``reason`` set when unusable; ``note`` names a
         conversion/resize that was applied.
     """
+    max_px = spec.max_pixels if spec else MAX_PIXELS
     try:
-        with Image.open(io.BytesIO(data)) as im_raw:
+        with warnings.catch_warnings():  # a huge header is refused below, by our cap, not PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im_open = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+    except Image.DecompressionBombError as e:
+        return None, f"{R_TOO_LARGE}: {e}"[:300], ""
+    except Image.UnidentifiedImageError:
+        return None, f"{R_FORMAT}: {_format_hint(data)}", ""
+    except Exception as e:  # PIL raises many types for corrupt data
+        return None, f"{R_DECODE}: {type(e).__name__}: {e}"[:300], ""
+    try:
+        with im_open as im_raw:
+            w, h = im_raw.size  # from the header: nothing decoded yet
+            if w * h > max_px:
+                return None, f"{R_TOO_LARGE}: {w}x{h} = {w * h} pixels > {max_px}", ""
+            if spec and spec.on_size == "quarantine" and (h, w) != (spec.height, spec.width):
+                return None, f"{R_SIZE}: {w}x{h}, run wants {spec.width}x{spec.height}", ""
             im_raw.load()
             im: Image.Image = im_raw  # the 16-bit branch rebinds it to a plain Image
             if im.mode.startswith("I;16") or im.mode == "I":
@@ -365,35 +400,68 @@ def decode_image(data: bytes, spec: ImageSpec | None) -> tuple[np.ndarray | None
     return arr, "", note
 
 
-def _finish(shard: str, key: str, members: dict[str, bytes], spec: ImageSpec | None,
+def _format_hint(data: bytes) -> str:
+    """A short, printable description of what the bytes start with (for a quarantine reason)."""
+    head = data[:8]
+    known = {b"GIF8": "GIF", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"%!PS": "PostScript/EPS", b"BM": "BMP",
+             b"\xc5\xd0\xd3\xc6": "EPS", b"%PDF": "PDF"}
+    for magic, name in known.items():
+        if head.startswith(magic):
+            return f"content is {name}"
+    return f"content starts with {head!r}" if head else "empty member"
+
+
+def _safe_key(key: str) -> str:
+    """``key`` as valid UTF-8 text: bytes that are not UTF-8 (kept as surrogates by the tar parser)
+    are shown as ``\\xNN`` escapes, so the key can be written to Arrow/Parquet and read by a person."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_MAX_LABEL = 2**31 - 1  # labels travel as int64 columns; anything this large is not a class id
+
+
+def _finish(shard: str, key: str, members: dict[str, bytes | None], spec: ImageSpec | None,
             num_classes: int | None) -> Record:
     imgs = [e for e in members if e in IMAGE_EXTS]
-    meta_raw = members.get("json", b"")
+    safe = _safe_key(key)
+    meta_raw = members.get("json", b"") or b""
     meta = meta_raw.decode("utf-8", "replace") if meta_raw else ""
 
     def bad(reason: str) -> Record:
-        return Record(shard, key, None, -1, meta, reason=reason)
+        return Record(shard, safe, None, -1, meta, reason=reason)
 
+    if safe != key:
+        return bad(R_BAD_NAME)
+    special = sorted(e for e, d in members.items() if d is None)
+    if special:
+        return bad(f"{R_SPECIAL}: {', '.join(f'{safe}.{e}' for e in special)[:200]}")
     if not imgs:
         return bad(R_NO_IMAGE)
     if len(imgs) > 1:
         return bad(f"{R_MULTI_IMAGE}: {sorted(imgs)}")
     if "cls" not in members:
         return bad(R_NO_CLS)
-    txt = members["cls"].decode("utf-8", "replace").strip()
+    txt = (members["cls"] or b"").decode("utf-8", "replace").strip()
     try:
+        if not txt.isascii() or "_" in txt or len(txt) > 64:  # int() also takes other scripts' digits, "1_000"
+            raise ValueError(txt)
         label = int(txt)
     except ValueError:
         return bad(f"{R_BAD_CLS}: {txt[:40]!r}")
-    if label < 0 or (num_classes is not None and label >= num_classes):
-        hi = f"{num_classes}" if num_classes is not None else "inf"
-        return bad(f"{R_LABEL_RANGE}: {label} not in [0, {hi})")
+    hi_ = min(num_classes, _MAX_LABEL + 1) if num_classes is not None else _MAX_LABEL + 1
+    if label < 0 or label >= hi_:
+        hi = f"{num_classes}" if num_classes is not None else f"{_MAX_LABEL + 1}"
+        return bad(f"{R_LABEL_RANGE}: {str(label)[:24]} not in [0, {hi})")
     if meta:
         try:
             json.loads(meta)
         except ValueError:
             return bad(R_BAD_JSON)
-    image, reason, note = decode_image(members[imgs[0]], spec)
+    image, reason, note = decode_image(members[imgs[0]] or b"", spec)
     if image is None:
         return bad(reason)
     return Record(shard, key, image, label, meta, note=note)
@@ -421,7 +489,8 @@ def iter_shard(path: str, shard_id: str, spec: ImageSpec | None, num_classes: in
     seen: set[str] = set()
     n = 0
     cur_key: str | None = None
-    members: dict[str, bytes] = {}
+    members: dict[str, bytes | None] = {}
+    max_member = spec.max_member_bytes if spec is not None else MAX_MEMBER_BYTES
 
     def flush() -> Iterator[Record]:
         nonlocal n
@@ -432,7 +501,7 @@ def iter_shard(path: str, shard_id: str, spec: ImageSpec | None, num_classes: in
             seen.add(cur_key)
             return
         if cur_key in seen:
-            yield Record(shard_id, cur_key, None, -1, "", reason=R_DUP)
+            yield Record(shard_id, _safe_key(cur_key), None, -1, "", reason=R_DUP)
             return
         seen.add(cur_key)
         yield _finish(shard_id, cur_key, members, spec, num_classes)
@@ -440,7 +509,7 @@ def iter_shard(path: str, shard_id: str, spec: ImageSpec | None, num_classes: in
     f = fileobj if fileobj is not None else open_input(path)
     try:
         try:
-            for name, data in _tar_members(f):
+            for name, data in _tar_members(f, max_member, _size_of(f)):
                 key, ext = _split_name(name)
                 if key != cur_key or ext in members:
                     # a new sample starts (or the same key repeats an extension: a duplicate sample)
@@ -457,8 +526,8 @@ def iter_shard(path: str, shard_id: str, spec: ImageSpec | None, num_classes: in
                 yield from flush()
                 cur_key, members = _split_name(nxt)[0], {}
             # samples completed before the damage were yielded; the one in progress is lost with it
-            where = f" at key {cur_key!r}" if cur_key else ""
-            yield Record(shard_id, cur_key or "", None, -1, "",
+            where = f" at key {_safe_key(cur_key)!r}" if cur_key else ""
+            yield Record(shard_id, _safe_key(cur_key or ""), None, -1, "",
                          reason=f"{R_TRUNCATED}{where}: {e}"[:300], level="shard")
             return
         yield from flush()
@@ -467,6 +536,14 @@ def iter_shard(path: str, shard_id: str, spec: ImageSpec | None, num_classes: in
     finally:
         if fileobj is None:
             f.close()
+
+
+def _size_of(f: BinaryIO) -> int | None:
+    """Bytes in a seekable local file (None for a stream): a member cannot declare more than the shard."""
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
 
 
 class _NotATar(tarfile.ReadError):
@@ -510,8 +587,14 @@ def _tar_number(field: bytes) -> int:
     return int(txt, 8) if txt else 0
 
 
-def _tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """``(name, data)`` of each regular file of a tar stream, in order (ustar, GNU, pax names).
+def _tar_members(f: BinaryIO, max_member: int = MAX_MEMBER_BYTES,
+                 file_size: int | None = None) -> Iterator[tuple[str, bytes | None]]:
+    """``(name, data)`` of each regular file of a tar stream, in order (ustar, GNU, pax names), and
+    ``(name, None)`` for a link (symbolic or hard), device or FIFO entry, which is never followed: the
+    caller quarantines the sample it belongs to. Directory entries are skipped.
+
+    A member declaring more than ``max_member`` bytes, or more than the rest of the file (``file_size``,
+    when the stream is a local file), is damage: ``tarfile.ReadError`` naming the member.
 
     Written here instead of using ``tarfile`` stream mode for two measured reasons: ``tarfile`` ends the
     archive SILENTLY when a stream is cut at or inside a 512-byte header (11 of 60 random cuts went
@@ -519,7 +602,15 @@ def _tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
     ~5 us here (the read benchmark's largest cost). Raises ``tarfile.ReadError`` on any damage,
     including a stream that ends without the end-of-archive zero block.
     """
-    read = _reader(f)
+    raw_read = _reader(f)
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        data = raw_read(n)
+        pos += len(data)
+        return data
+
     first = True
     long_name: str | None = None
     while True:
@@ -549,6 +640,10 @@ def _tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
                 prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 if prefix:
                     name = f"{prefix}/{name}"
+        if size < 0 or size > max_member or (file_size is not None and size > file_size - pos):
+            left = f", {max(0, file_size - pos)} bytes left in the shard" if file_size is not None else ""
+            raise _CutMember(f"member {name[:80]!r} declares {size} bytes (cap {max_member}: data.max_member_bytes"
+                             f"{left})", name if typ in (b"0", b"\0", b"7") else None)
         data = read(size)
         pad = -size % 512
         if len(data) < size or (pad and len(read(pad)) < pad):
@@ -562,6 +657,9 @@ def _tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
                     long_name = rec.split(" path=", 1)[1]
             continue
         long_name = None
+        if typ in (b"1", b"2", b"3", b"4", b"6"):  # hard link, symlink, char/block device, FIFO
+            yield name, None
+            continue
         if typ not in (b"0", b"\0", b"7"):
             continue
         yield name, data

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from ctray import io as cio
 from ctray._version import __version__
 from ctray.config import DATA_RESOURCE_KEYS, Config, load_config
 from ctray.engine.cluster import ensure_ray, scaling, train_data_config
-from ctray.errors import ConfigError, DataError, RunDirMismatchError
+from ctray.errors import ConfigError, CtrayError, DataError, RunDirMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ def resolve_inputs(cfg: Config) -> tuple[list[str], list[str], Any, int | None]:
     h = cfg.data.image_size or probed.height
     w = cfg.data.image_size or probed.width
     c = cfg.data.channels or probed.channels
-    spec = ImageSpec(h, w, c, on_mode=cfg.data.on_mode, on_size=cfg.data.on_size)  # type: ignore[arg-type]
+    spec = ImageSpec(h, w, c, on_mode=cfg.data.on_mode, on_size=cfg.data.on_size,  # type: ignore[arg-type]
+                     max_pixels=cfg.data.max_pixels, max_member_bytes=cfg.data.max_member_bytes)
     return train, clean, spec, (cfg.data.num_classes or n_cls)
 
 
@@ -160,8 +162,25 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         decisions.json, rounds.json, metrics.json (with truth), config.yaml, run.json, report.html.
 
     Raises:
-        ConfigError / DataError: bad config or unusable input (named).
+        ConfigError / DataError: bad config or unusable input (named); ConfigError also when another
+        live run holds the run directory (:class:`ctray.engine.rundir.RunLock`).
     """
+    from ctray.engine.rundir import RunLock, prepare_run_dir
+
+    # everything a user can get wrong is checked before Ray starts (seconds, not a cluster start-up)
+    cfg.validate()
+    if not cfg.io.out:
+        raise ConfigError("no run directory: give --out (io.out)")
+    t_start = time.time()
+    inputs = resolve_inputs(cfg)
+    out = prepare_run_dir(cfg.io.out)
+    with RunLock(out):
+        return _detect_locked(cfg, on_round, out, inputs, t_start)
+
+
+def _detect_locked(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None, out: str,
+                   inputs: tuple[list[str], list[str], Any, int | None], t_start: float) -> DetectResult:
+    """:func:`detect` once the inputs are resolved and the run directory is ``out``, locked."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -190,17 +209,30 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         score_dataset,
         scores_and_moments,
     )
+    from ctray.models.checkpoint import read_checkpoint
     from ctray.training.loop import CONFUSED, FBASE, train_loop_per_worker
 
-    cfg.validate()
-    if not cfg.io.out:
-        raise ConfigError("no run directory: give --out (io.out)")
-    t_start = time.time()
     secs: dict[str, float] = {}
-    out = cfg.io.out if cio.is_remote(cfg.io.out) else os.path.abspath(cfg.io.out)
-    cio.makedirs(out)
+    train_paths, clean_paths, spec, n_cls = inputs
+    # ---- resume state
+    fp = _fingerprint(cfg, train_paths, clean_paths)
+    state_path = cio.join(out, "state.json")
+    state: dict[str, Any] = {"fingerprint": fp, "rounds": []}
+    if cio.exists(state_path):
+        try:
+            old = cio.read_json(state_path)
+            if not isinstance(old, dict) or not isinstance(old.get("rounds"), list):
+                raise ValueError("not a ctray resume state (no list of rounds)")
+        except (OSError, ValueError) as e:
+            raise DataError(f"the resume state {state_path} is unreadable ({e}); it records which rounds are done: "
+                            "delete it to recompute every round in this run directory, or give a new --out") from None
+        if old.get("fingerprint") != fp:
+            raise RunDirMismatchError(f"run directory {out} holds a run with another config or inputs "
+                              f"(fingerprint {old.get('fingerprint')} != {fp}); use a new --out")
+        state = old
+        if state["rounds"]:
+            log.info("resuming %s: %d of %d rounds already done", out, len(state["rounds"]), cfg.ct.rounds)
     ensure_ray(cfg)
-    train_paths, clean_paths, spec, n_cls = resolve_inputs(cfg)
 
     # ---- read D (the memory model, data.cache_bytes): decoded D is cached in the object store only when
     # it fits the budget (twice: the read rows and the scoring view coexist while the view is built);
@@ -274,32 +306,39 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     scaling_cfg, threads = scaling(cfg)
     cfg_d["scale"]["torch_threads"] = threads
 
-    # ---- resume state
-    fp = _fingerprint(cfg, train_paths, clean_paths)
-    state_path = cio.join(out, "state.json")
-    state: dict[str, Any] = {"fingerprint": fp, "rounds": []}
-    if cio.exists(state_path):
-        old = cio.read_json(state_path)
-        if old.get("fingerprint") != fp:
-            raise RunDirMismatchError(f"run directory {out} holds a run with another config or inputs "
-                              f"(fingerprint {old.get('fingerprint')} != {fp}); use a new --out")
-        state = old
-        if state["rounds"]:
-            log.info("resuming %s: %d of %d rounds already done", out, len(state["rounds"]), cfg.ct.rounds)
     storage = os.path.abspath(cio.join(out, "train")) if not cio.is_remote(out) else cio.join(out, "train")
     round_losses: list[np.ndarray] = []
     keep: np.ndarray | None = None
     rounds_info: list[dict[str, Any]] = []
     fbase_ckpt = prev_ckpt = None
-    for rs in state["rounds"]:
-        saved = _load_npz(cio.join(out, rs["losses"]))
-        filler = ColumnFiller(index, {"loss": np.float32})
-        filler.add(saved["sid"], saved)
-        round_losses.append(filler.finish(f"{rs['losses']} (round {rs['info']['round']})")["loss"])
-        del saved, filler
+    for i, rs in enumerate(state["rounds"]):
+        # a damaged file of a done round (losses, kept set, checkpoint) is never used: that round and the
+        # later ones are recomputed (their checkpoints and Train storage discarded first)
+        try:
+            saved = _load_npz(cio.join(out, rs["losses"]))
+            filler = ColumnFiller(index, {"loss": np.float32})
+            filler.add(saved["sid"], saved)
+            losses_i = filler.finish(f"{rs['losses']} (round {rs['info']['round']})")["loss"]
+            del saved, filler
+            keep_i = _load_npy(cio.join(out, rs["kept"])) if rs.get("kept") else None
+            if keep_i is not None and (keep_i.dtype != np.int64 or not np.all(index.positions(keep_i)[1])):
+                raise ValueError(f"{rs['kept']} does not hold this run's sample ids")
+            read_checkpoint(cio.join(rs["ckpt"], CONFUSED))
+            if i == 0:
+                read_checkpoint(cio.join(state["fbase_ckpt"], FBASE))
+        except (OSError, ValueError, KeyError, EOFError, RuntimeError, CtrayError, zipfile.BadZipFile) as e:
+            log.warning("resume: round %d's files are damaged (%s): recomputing rounds %d..%d", i + 1,
+                        f"{type(e).__name__}: {e}"[:300], i + 1, cfg.ct.rounds)
+            _discard_rounds(out, storage, range(i, cfg.ct.rounds))
+            state["rounds"] = state["rounds"][:i]
+            if i == 0:
+                state.pop("fbase_ckpt", None)
+            cio.write_json(state_path, state)
+            break
+        round_losses.append(losses_i)
         fbase_ckpt = state["fbase_ckpt"]
         prev_ckpt = rs["ckpt"]
-        keep = _load_npy(cio.join(out, rs["kept"])) if rs.get("kept") else None
+        keep = keep_i
         rounds_info.append(rs["info"])
 
     truth = truth_by_sid(cfg.io.truth, ident.sids) if cfg.io.truth else None
@@ -553,7 +592,7 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
     cio.write_json(cio.join(out, "run.json"), {
         "version": __version__, "started": t_start, "finished": time.time(), "train": train_paths,
         "clean": clean_paths, "preset": cfg.preset, "num_classes": C, "image_shape": list(spec.shape),
-        "seconds": secs, "aggregate": agg_info, "driver_peak_rss_bytes": _peak_rss(), "counts": {"read": n_read, "usable": n, "quarantined": n_quar,
+        "seconds": secs, "aggregate": agg_info, "max_member_bytes": spec.max_member_bytes, "driver_peak_rss_bytes": _peak_rss(), "counts": {"read": n_read, "usable": n, "quarantined": n_quar,
                                     "shard_failures": ident.n_shard_failures,
                                     "converted": ident.n_converted,
                                     "flagged": int(flagged[:n].sum()), "canaries": n_can}})
@@ -585,6 +624,18 @@ def _by_sid(src_sids: np.ndarray, values: np.ndarray, sids: np.ndarray, fill: An
     res = np.full(len(sids), fill, dtype=np.asarray(values).dtype if fill is not np.nan else np.float64)
     res[hit] = np.asarray(values)[o][pos[hit]]
     return res
+
+
+def _discard_rounds(out: str, storage: str, rounds: range) -> None:
+    """Delete the round checkpoints and Ray Train storage of ``rounds`` (a recomputed round must not
+    resume from what it wrote before)."""
+    from pyarrow import fs as pafs
+
+    for r in rounds:
+        for d in (cio.join(out, "checkpoints", f"round_{r}"), cio.join(storage, f"round-{r}")):
+            fs, p = cio._fs(d)
+            if fs.get_file_info(p).type == pafs.FileType.Directory:
+                fs.delete_dir(p)
 
 
 def _peak_rss() -> int | None:

@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, Literal
 
 from ctray import io as cio
 from ctray._version import __version__
+from ctray.data.shards import MAX_MEMBER_BYTES, _size_of
 from ctray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -301,48 +302,51 @@ class _Out:
                 os.remove(self.tmp)
 
 
-def _samples(f: BinaryIO) -> Iterator[tuple[str, list[tuple[str, bytes]]] | Exception]:
+def _samples(f: BinaryIO, max_member: int) -> Iterator[tuple[str, list[tuple[str, bytes | None]]] | Exception]:
     """``(key, [(member name, bytes), ...])`` per sample in tar order, grouped as
     :func:`~ctray.data.shards.iter_shard` groups them (a new sample starts when the key changes or an
     extension repeats). A damaged tar ends with the exception: before it, the sample in progress is yielded
-    when the damage lies in the next sample's member (it is complete), as the run's reader does."""
-    from ctray.data.shards import _split_name, _tar_members
+    when the damage lies in the next sample's member (it is complete), as the run's reader does. Keys are
+    the run's (:func:`~ctray.data.shards._safe_key`); a link or device member has ``None`` bytes (the run
+    quarantined its sample, so it is never written)."""
+    from ctray.data.shards import _safe_key, _split_name, _tar_members
 
     cur: str | None = None
     exts: set[str] = set()
-    members: list[tuple[str, bytes]] = []
+    members: list[tuple[str, bytes | None]] = []
     try:
-        for name, data in _tar_members(f):
+        for name, data in _tar_members(f, max_member, _size_of(f)):
             key, ext = _split_name(name)
             if key != cur or ext in exts:
                 if cur is not None:
-                    yield cur, members
+                    yield _safe_key(cur), members
                 cur, exts, members = key, set(), []
             exts.add(ext)
             members.append((name, data))
     except (tarfile.TarError, EOFError, ValueError) as e:
         nxt = getattr(e, "member", None)
         if cur is not None and nxt is not None and _split_name(nxt)[0] != cur:
-            yield cur, members
+            yield _safe_key(cur), members
         yield e
         return
     if cur is not None:
-        yield cur, members
+        yield _safe_key(cur), members
 
 
-def _label_of(members: list[tuple[str, bytes]]) -> int | None:
+def _label_of(members: list[tuple[str, bytes | None]]) -> int | None:
     from ctray.data.shards import _split_name
 
     for name, data in members:
         if _split_name(name)[1] == "cls":
             try:
-                return int(data.decode("utf-8", "replace").strip())
+                return int((data or b"").decode("utf-8", "replace").strip())
             except ValueError:
                 return None
     return None
 
 
-def export_shard(path: str, shard: str, run_dir: str, out: str, which: Which = "kept") -> ShardExport:
+def export_shard(path: str, shard: str, run_dir: str, out: str, which: Which = "kept",
+                 max_member: int = MAX_MEMBER_BYTES) -> ShardExport:
     """Export one input shard of a run (one Ray task, or one loop step without Ray).
 
     Args:
@@ -398,7 +402,7 @@ def export_shard(path: str, shard: str, run_dir: str, out: str, which: Which = "
         except OSError as e:
             raise DataError(f"input shard {path} of run {run_dir} is not readable: {e}") from e
         try:
-            for item in _samples(f):
+            for item in _samples(f, max_member):
                 if isinstance(item, Exception):
                     res.shard_failures += 1
                     break
@@ -430,6 +434,8 @@ def export_shard(path: str, shard: str, run_dir: str, out: str, which: Which = "
                     if target is None:
                         target = _Out(final)
                     for (_, data), x in zip(members, exts, strict=True):
+                        if data is None:  # cannot happen for a scored sample (the run quarantined it)
+                            raise changed(key, "has a link or device member, which the run did not read")
                         target.add(f"{new_key}.{_safe_ext(x)}" if x else new_key, data)
                     res.written += 1
                 elif not first and q_dups[key] > 0:
@@ -467,7 +473,7 @@ def export_shard(path: str, shard: str, run_dir: str, out: str, which: Which = "
 
 
 def _export_all(order: list[str], ids: dict[str, str], run_dir: str, out: str, which: Which, use_ray: bool,
-                progress_every_s: float) -> list[ShardExport]:
+                progress_every_s: float, max_member: int = MAX_MEMBER_BYTES) -> list[ShardExport]:
     """Run :func:`export_shard` for every input shard, in this process or as Ray tasks."""
     from ctray.progress import Progress
 
@@ -493,7 +499,7 @@ def _export_all(order: list[str], ids: dict[str, str], run_dir: str, out: str, w
         try:
             while True:
                 for p in todo:
-                    pending.append(task.remote(p, ids[p], run_dir, out, which))  # type: ignore[call-arg]
+                    pending.append(task.remote(p, ids[p], run_dir, out, which, max_member))  # type: ignore[call-arg]
                     if len(pending) >= MAX_IN_FLIGHT:
                         break
                 if not pending:
@@ -511,7 +517,7 @@ def _export_all(order: list[str], ids: dict[str, str], run_dir: str, out: str, w
             raise
     else:
         for p in order:
-            r = export_shard(p, ids[p], run_dir, out, which)
+            r = export_shard(p, ids[p], run_dir, out, which, max_member)
             results.append(r)
             _note(r)
             prog.update()
@@ -576,7 +582,9 @@ def export_run(run_dir: str, out: str, *, which: Which = "kept", use_ray: bool =
     _prepare_out(out)
     order = sorted(paths, key=lambda p: ids[p])
     try:
-        results = _export_all(order, ids, run_dir, out, which, use_ray, progress_every_s)
+        # the run's member cap (data.max_member_bytes), so the export parses each shard as the run did
+        results = _export_all(order, ids, run_dir, out, which, use_ray, progress_every_s,
+                              int(run.get("max_member_bytes") or MAX_MEMBER_BYTES))
     except BaseException:
         _clear(out, [ids[p] for p in order])  # a failed export leaves no shard behind (out was new or empty)
         raise
