@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +26,9 @@ def _setup_logging(verbose: int) -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr)
     for noisy in ("ray", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+    # Ray Data configures its own loggers when imported (after this): ensure_ray reads this to keep its
+    # per-dataset execution lines off unless -v
+    os.environ["CTRAY_RAY_LOGS"] = "1" if verbose > 1 else "0"
 
 
 def _not_implemented(name: str) -> int:
@@ -130,10 +134,16 @@ def _overrides_from(args: argparse.Namespace) -> dict[str, object]:
     return ov
 
 
-def _print_result(res: object) -> None:
-    from ctray.engine.detect import DetectResult
+def _print_result(res: object, as_json: bool = False) -> None:
+    from ctray.engine.results import DetectResult
 
     assert isinstance(res, DetectResult)
+    if as_json:  # one JSON object on stdout (CI): the counts, the decision and the metrics
+        print(json.dumps({"run_dir": res.run_dir, "read": res.n_read, "usable": res.n_usable,
+                          "quarantined": res.n_quarantined, "flagged": res.n_flagged,
+                          "cleansed_classes": res.cleansed_classes, "weak_classes": res.weak_classes,
+                          "metrics": (res.metrics or {}).get("ct"), "seconds": round(res.seconds.get("total", 0), 1)}))
+        return
     line = (f"read {res.n_read} samples: {res.n_usable} usable, {res.n_quarantined} quarantined; "
             f"flagged {res.n_flagged} (classes {res.cleansed_classes})")
     if res.weak_classes:
@@ -150,7 +160,7 @@ def _run_detect(args: argparse.Namespace) -> int:
     from ctray.engine.detect import run_detect
 
     res = run_detect(args.preset, _overrides_from(args), args.config)
-    _print_result(res)
+    _print_result(res, args.json)
     return 0
 
 
@@ -446,7 +456,7 @@ def _run_act(args: argparse.Namespace) -> int:
            "n_calib": res.n_calib, "seconds": round(res.seconds, 1)}
     if args.truth:
         from ctray.core.metrics import detection_metrics
-        from ctray.engine.detect import load_truth
+        from ctray.engine.ground import load_truth
 
         poison, _ = load_truth(args.truth, res.shard, res.key)
         table = table.append_column("truth_poison", pa.array(poison))
@@ -472,6 +482,7 @@ def _run_purify(args: argparse.Namespace) -> int:
 def _add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("detect", help="run Confusion Training over shards and write a run directory")
     _add_run_options(p, True)
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout (for CI)")
     p.set_defaults(func=_run_detect)
     p = sub.add_parser("validate", help="resolve and check a config; print it as YAML")
     _add_run_options(p, False)

@@ -12,7 +12,7 @@ import pytest
 from ctray.config import load_config
 from ctray.core.metrics import detection_metrics
 from ctray.engine.baselines import run_baselines
-from ctray.engine.detect import load_truth
+from ctray.engine.ground import load_truth
 from ctray.errors import ConfigError
 
 # Real training: on a starved box (load 80 measured) the fixture alone took > 15 min; quiet, about a minute.

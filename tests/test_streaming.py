@@ -19,7 +19,8 @@ import pytest
 from test_detect import N_TRAIN, PRETRAIN, _cfg, _check_accounting, _corrupt_copy
 
 from ctray.core.budget import decoded_bytes, fits, parse_bytes
-from ctray.engine.detect import detect, estimate_samples
+from ctray.engine.detect import detect
+from ctray.engine.ground import estimate_samples
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(1200)]
 

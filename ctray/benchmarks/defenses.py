@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from ctray.data.shards import expand_shards, read_manifest
     from ctray.engine.cluster import ensure_ray
     from ctray.engine.defenses import activation_scores, audit_model, cleanse_model, repair_model
-    from ctray.engine.detect import load_truth
+    from ctray.engine.ground import load_truth
     from ctray.engine.train import evaluate, train_model
 
     ensure_ray()

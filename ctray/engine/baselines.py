@@ -155,7 +155,7 @@ def run_baselines(cfg: Config, fbase: str, methods: Sequence[str], *, poison_rat
 
     from ctray.data.reader import read_shards, usable
     from ctray.engine.cluster import ensure_ray
-    from ctray.engine.detect import resolve_inputs
+    from ctray.engine.ground import resolve_inputs
     from ctray.engine.score import collect_scores, feature_moments, score_dataset
     from ctray.models.checkpoint import read_checkpoint
 

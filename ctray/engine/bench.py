@@ -137,7 +137,7 @@ def _row(attack: str, method: str, metrics: dict[str, Any], seconds: float | Non
 
 
 def _truth_mask(truth: str | None, shards: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    from ctray.engine.detect import load_truth
+    from ctray.engine.ground import load_truth
 
     if not truth:
         return np.zeros(len(keys), bool)
@@ -362,7 +362,7 @@ def bench(out: str, *, train: Sequence[str] | None = None, clean: Sequence[str] 
     """
     from ctray.data.attacks import ATTACKS
     from ctray.engine.cluster import ensure_ray
-    from ctray.engine.detect import choose_preset
+    from ctray.engine.ground import choose_preset
 
     t0 = time.monotonic()
     methods = list(dict.fromkeys(methods))

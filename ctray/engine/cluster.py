@@ -25,6 +25,15 @@ LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
 _NOT_ASKED = ("memory", "object_store_memory")
 
 
+def ray_logs_wanted() -> bool:
+    """Whether Ray's own INFO logging is wanted: ``CTRAY_RAY_LOGS=1`` (``ctray -v`` sets it), or, in a
+    Python session, the ``ctray`` logger enabled for DEBUG."""
+    env = os.environ.get("CTRAY_RAY_LOGS")
+    if env is not None:
+        return env == "1"
+    return logging.getLogger("ctray").isEnabledFor(logging.DEBUG)
+
+
 def ensure_ray(cfg: Config | None = None) -> None:
     """Attach to a running cluster (``RAY_ADDRESS`` / ``ray start``) or start a local one; with ``cfg``,
     apply its Ray Data limits (:func:`apply_data_limits`)."""
@@ -40,6 +49,12 @@ def ensure_ray(cfg: Config | None = None) -> None:
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    # Ray's own INFO lines (Data's "Starting execution of Dataset ..." per pass, its operator chatter) only
+    # when asked: ``ctray -v`` or CTRAY_RAY_LOGS=1. ctray's progress lines carry the run's story.
+    verbose = ray_logs_wanted()
+    ctx.print_on_execution_start = verbose
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     if cfg is not None:
         apply_data_limits(cfg)
 

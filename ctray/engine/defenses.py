@@ -794,7 +794,7 @@ class _ClampPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from ctray.engine.train import _meta_target
+        from ctray.engine.train import meta_target
         from ctray.training.steps import to_input
 
         x = to_input(torch.from_numpy(np.array(batch["image"], copy=True)), self.spec["mean"], self.spec["std"])
@@ -804,7 +804,7 @@ class _ClampPredictor:
             self.cm.enabled = True
             clamped = self.cm(x).argmax(1).numpy()
         return {"label": batch["label"].astype(np.int64), "plain": plain, "clamped": clamped,
-                "target": np.array([_meta_target(m) for m in batch["meta"]], np.int64)}
+                "target": np.array([meta_target(m) for m in batch["meta"]], np.int64)}
 
 
 def _ok_meta(batch: pa.Table) -> pa.Table:

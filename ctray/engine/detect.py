@@ -16,7 +16,6 @@ import os
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,119 +24,20 @@ from ctray import io as cio
 from ctray._version import __version__
 from ctray.config import DATA_RESOURCE_KEYS, Config, load_config
 from ctray.engine.cluster import ensure_ray, scaling, train_data_config
+from ctray.engine.ground import (
+    cache_budget,
+    choose_preset,
+    estimate_samples,
+    load_npy,
+    load_npz,
+    resolve_inputs,
+    save_npy,
+    save_npz,
+)
+from ctray.engine.results import DetectResult
 from ctray.errors import ConfigError, CtrayError, DataError, RunDirMismatchError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DetectResult:
-    """What a detection run produced. ``flagged_keys`` lists ``(shard, key)`` of flagged samples."""
-
-    run_dir: str
-    n_read: int
-    n_usable: int
-    n_quarantined: int
-    n_flagged: int
-    flagged_keys: list[tuple[str, str]]
-    cleansed_classes: list[int]
-    metrics: dict[str, Any] | None
-    seconds: dict[str, float] = field(default_factory=dict)
-    canary: dict[str, Any] | None = None  # with canary.rate > 0: count, target, recall, outside flag rate
-    weak_classes: list[int] = field(default_factory=list)  # cleansed with LR < decide.weak_lr
-
-
-# --------------------------------------------------------------------------------------------- data
-
-
-def resolve_inputs(cfg: Config) -> tuple[list[str], list[str], Any, int | None]:
-    """Expand the shard specs and settle the image spec (config > manifest > data)."""
-    from ctray.data.shards import ImageSpec, expand_shards, probe_spec
-
-    if not cfg.io.train:
-        raise ConfigError("no train shards: give --train (io.train)")
-    if not cfg.io.clean:
-        raise ConfigError("no clean reserve: give --clean (io.clean); CT needs a small trusted set (specs/ct.md §1.2)")
-    train = expand_shards(cfg.io.train)
-    clean = expand_shards(cfg.io.clean)
-    probed, n_cls = probe_spec(train)
-    h = cfg.data.image_size or probed.height
-    w = cfg.data.image_size or probed.width
-    c = cfg.data.channels or probed.channels
-    spec = ImageSpec(h, w, c, on_mode=cfg.data.on_mode, on_size=cfg.data.on_size,  # type: ignore[arg-type]
-                     max_pixels=cfg.data.max_pixels, max_member_bytes=cfg.data.max_member_bytes)
-    return train, clean, spec, (cfg.data.num_classes or n_cls)
-
-
-def estimate_samples(paths: list[str]) -> int:
-    """The number of samples in ``paths``: the manifest's train count when ``ctray data`` wrote one beside
-    them, else the first shard's samples times the shard count (one shard read on the driver)."""
-    from ctray.data.shards import iter_shard, read_manifest
-
-    man = read_manifest(paths) or {}
-    n = int(man.get("counts", {}).get("train", 0))
-    listed = (man.get("shards") or {}).get("train") if isinstance(man.get("shards"), dict) else None
-    if n and listed:  # a subset of the manifest's shards: its share of the count
-        return max(1, round(n * len(paths) / len(listed)))
-    if n:
-        return n
-    return sum(1 for _ in iter_shard(paths[0], paths[0], None, None)) * len(paths)
-
-
-def cache_budget(cfg: Config) -> int:
-    """Bytes of decoded samples the run may cache in the object store (``data.cache_bytes``; ``auto`` =
-    40% of the connected cluster's object store)."""
-    import ray
-
-    from ctray.core.budget import parse_bytes
-
-    val = parse_bytes(cfg.data.cache_bytes)
-    if val is not None:
-        return val
-    return int(0.4 * float(ray.cluster_resources().get("object_store_memory", 0.0)))
-
-
-def choose_preset(train_spec: list[str], use_gpu: bool = False) -> tuple[str, str]:
-    """Pick a preset from the data (image size, classes, sample count; the manifest when present,
-    else an estimate from the first shard)."""
-    from ctray.config import auto_preset
-    from ctray.data.shards import expand_shards, probe_spec, read_manifest
-
-    paths = expand_shards(train_spec)
-    spec, n_cls = probe_spec(paths)
-    man = read_manifest(paths) or {}
-    n = estimate_samples(paths)
-    return auto_preset(max(spec.height, spec.width), int(n_cls or man.get("num_classes") or 10), n, use_gpu)
-
-
-def _fingerprint(cfg: Config, train: list[str], clean: list[str]) -> str:
-    d = cfg.to_dict()
-    d.pop("io", None)
-    d.pop("bench", None)  # the baselines' knobs do not change CT's result: a bench rerun resumes CT
-    d.pop("sweep", None)  # tuning knobs and the shard tables' settings do not change what a round computes
-    d.pop("aggregate", None)
-    d["scale"] = {}  # the worker layout may change between attempts without changing the result's meaning
-    d["data"] = {k: v for k, v in d["data"].items() if k not in DATA_RESOURCE_KEYS}  # as may the scoring resources
-    blob = json.dumps({"cfg": d, "train": train, "clean": clean}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def load_truth(path: str, shards: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ground truth aligned to ``(shards, keys)``: ``(poison bool (N,), cover bool (N,))``.
-
-    Accepts parquet or csv with columns ``shard, key, poison`` (+ optional ``cover``). Samples the truth
-    does not list count as clean; truth rows matching no sample are reported. The join is by sample id
-    (:func:`ctray.engine.identity.truth_by_sid`, which the detection driver uses directly).
-    """
-    from ctray.data.shards import sample_ids
-    from ctray.engine.identity import truth_by_sid
-
-    sids = sample_ids([str(x) for x in np.asarray(shards).tolist()], [str(x) for x in np.asarray(keys).tolist()])
-    order = np.argsort(sids, kind="stable")
-    p_sorted, c_sorted = truth_by_sid(path, sids[order])
-    poison, cover = np.zeros(len(sids), bool), np.zeros(len(sids), bool)
-    poison[order], cover[order] = p_sorted, c_sorted
-    return poison, cover
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -315,12 +215,12 @@ def _detect_locked(cfg: Config, on_round: Callable[[dict[str, Any]], None] | Non
         # a damaged file of a done round (losses, kept set, checkpoint) is never used: that round and the
         # later ones are recomputed (their checkpoints and Train storage discarded first)
         try:
-            saved = _load_npz(cio.join(out, rs["losses"]))
+            saved = load_npz(cio.join(out, rs["losses"]))
             filler = ColumnFiller(index, {"loss": np.float32})
             filler.add(saved["sid"], saved)
             losses_i = filler.finish(f"{rs['losses']} (round {rs['info']['round']})")["loss"]
             del saved, filler
-            keep_i = _load_npy(cio.join(out, rs["kept"])) if rs.get("kept") else None
+            keep_i = load_npy(cio.join(out, rs["kept"])) if rs.get("kept") else None
             if keep_i is not None and (keep_i.dtype != np.int64 or not np.all(index.positions(keep_i)[1])):
                 raise ValueError(f"{rs['kept']} does not hold this run's sample ids")
             read_checkpoint(cio.join(rs["ckpt"], CONFUSED))
@@ -445,13 +345,13 @@ def _detect_locked(cfg: Config, on_round: Callable[[dict[str, Any]], None] | Non
                                 "n_train_set": int(inner.get("n_dr", 0)), "phase_seconds": inner.get("times", {}),
                                 "resumed_from": inner.get("resumed_from")}
         rs = {"ckpt": ckpt, "losses": f"rounds/round_{r}_losses.npz"}
-        _save_npz(cio.join(out, rs["losses"]), sid=sids, loss=losses)
+        save_npz(cio.join(out, rs["losses"]), sid=sids, loss=losses)
         if not final:
             keep_n = keep_count(cfg.ct.keep_ratio[r], N)
             kept_idx = distill(losses, labels, keep_n, cfg.ct.floor_k[r], C)
             keep = sids[kept_idx]
             rs["kept"] = f"rounds/round_{r}_kept.npy"
-            _save_npy(cio.join(out, rs["kept"]), keep)
+            save_npy(cio.join(out, rs["kept"]), keep)
             info["kept"] = int(len(kept_idx))
             if n_can:
                 info["kept_canaries"] = int((kept_idx >= n_real).sum())
@@ -626,6 +526,18 @@ def _by_sid(src_sids: np.ndarray, values: np.ndarray, sids: np.ndarray, fill: An
     return res
 
 
+def _fingerprint(cfg: Config, train: list[str], clean: list[str]) -> str:
+    d = cfg.to_dict()
+    d.pop("io", None)
+    d.pop("bench", None)  # the baselines' knobs do not change CT's result: a bench rerun resumes CT
+    d.pop("sweep", None)  # tuning knobs and the shard tables' settings do not change what a round computes
+    d.pop("aggregate", None)
+    d["scale"] = {}  # the worker layout may change between attempts without changing the result's meaning
+    d["data"] = {k: v for k, v in d["data"].items() if k not in DATA_RESOURCE_KEYS}  # as may the scoring resources
+    blob = json.dumps({"cfg": d, "train": train, "clean": clean}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _discard_rounds(out: str, storage: str, rounds: range) -> None:
     """Delete the round checkpoints and Ray Train storage of ``rounds`` (a recomputed round must not
     resume from what it wrote before)."""
@@ -648,36 +560,6 @@ def _peak_rss() -> int | None:
         return int(r if sys.platform == "darwin" else r * 1024)
     except (ImportError, OSError):
         return None
-
-
-def _load_npz(path: str) -> dict[str, np.ndarray]:
-    """All arrays of an .npz at a local path or URI (read into memory: no temporary file)."""
-    import io
-
-    with np.load(io.BytesIO(cio.read_bytes(path))) as z:
-        return {k: z[k] for k in z.files}
-
-
-def _load_npy(path: str) -> np.ndarray:
-    import io
-
-    return np.load(io.BytesIO(cio.read_bytes(path)))
-
-
-def _save_npz(path: str, **arrays: np.ndarray) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, allow_pickle=True, **arrays)  # its default, named so mypy does not bind **arrays to it
-    cio.write_bytes(path, buf.getvalue())
-
-
-def _save_npy(path: str, arr: np.ndarray) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    cio.write_bytes(path, buf.getvalue())
 
 
 def run_detect(preset: str | None, overrides: dict[str, Any], config_file: str | None = None) -> DetectResult:

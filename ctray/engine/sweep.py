@@ -338,7 +338,7 @@ def sweep(train: str | list[str], clean: str | list[str], out: str, truth: str |
     from ray.tune.search import BasicVariantGenerator
 
     from ctray.engine.cluster import ensure_ray
-    from ctray.engine.detect import choose_preset
+    from ctray.engine.ground import choose_preset
 
     t0 = time.time()
     ov: dict[str, Any] = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})

@@ -90,7 +90,7 @@ def train_model(cfg: Config, out: str, exclude: Sequence[tuple[str, str]] | None
     from ctray.core.budget import fits
     from ctray.data.reader import read_shards, usable
     from ctray.engine.cluster import ensure_ray, scaling, train_data_config
-    from ctray.engine.detect import cache_budget, estimate_samples, resolve_inputs
+    from ctray.engine.ground import cache_budget, estimate_samples, resolve_inputs
     from ctray.engine.score import collect_scores
     from ctray.training.loop import train_loop_per_worker
 
@@ -172,12 +172,13 @@ class _Predictor:
             x = to_input(torch.from_numpy(np.array(batch["image"][ok], copy=True)), self.spec.mean, self.spec.std)
             with torch.no_grad():
                 pred[ok] = self.model(x).argmax(1).numpy()
-        targets = np.array([_meta_target(m) for m in batch["meta"]], np.int64)
+        targets = np.array([meta_target(m) for m in batch["meta"]], np.int64)
         return {"label": batch["label"].astype(np.int64), "pred": pred, "target": targets, "ok": ok,
                 "sample": batch["level"] == "sample"}
 
 
-def _meta_target(meta: Any) -> int:
+def meta_target(meta: Any) -> int:
+    """The ``target`` class a triggered test sample's ``.json`` metadata names, -1 when it names none."""
     if not meta:
         return -1
     try:

@@ -1,0 +1,60 @@
+"""The Python API: ``ctray.detect(train, clean, out)`` and friends, the CLI's jobs as functions.
+
+Config fields are keyword arguments with ``__`` for the dot (``ct__rounds=2`` is ``ct.rounds=2``), or a
+dict of dotted names in ``overrides``; ``preset=None`` chooses one from the data as the CLI does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ctray.engine.results import DetectResult
+
+
+def _paths(x: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    if isinstance(x, str | os.PathLike):
+        return [os.fspath(x)]
+    return [os.fspath(p) for p in x]
+
+
+def detect(train: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+           clean: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+           out: str | os.PathLike[str], *, preset: str | None = None, truth: str | os.PathLike[str] | None = None,
+           config: str | None = None, overrides: dict[str, Any] | None = None, **fields: Any) -> DetectResult:
+    """Find the poisoned samples of ``train`` with Confusion Training; write the run directory ``out``.
+
+    Args:
+        train: the suspect shards (a directory, glob, brace pattern, list; local or ``s3://``/``gs://``).
+        clean: the small trusted reserve CT needs (specs/ct.md §1.2), same forms.
+        out: the run directory (resumed when it holds an unfinished run of the same config).
+        preset: a preset name (``ctray presets``); None chooses one from the data.
+        truth: optional ground truth (``shard, key, poison``) for metrics.
+        config: optional YAML config file.
+        overrides / fields: config fields, e.g. ``{"ct.rounds": 2}`` or ``ct__rounds=2``.
+
+    Returns:
+        A :class:`~ctray.engine.results.DetectResult`: ``flagged_keys``, ``mask(keys)``, ``ranked(n)``,
+        ``scores()``, ``shards()``, ``decision()``.
+
+    Raises:
+        ConfigError / DataError: bad config or input, named (before Ray starts where it can be).
+    """
+    from ctray.engine.detect import run_detect
+
+    ov: dict[str, Any] = dict(overrides or {})
+    ov.update({k.replace("__", "."): v for k, v in fields.items()})
+    ov.update({"io.train": _paths(train), "io.clean": _paths(clean), "io.out": os.fspath(out)})
+    if truth is not None:
+        ov["io.truth"] = os.fspath(truth)
+    return run_detect(preset, ov, config)
+
+
+def export(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, which: str = "kept",
+           use_ray: bool = False) -> Any:
+    """Write a finished run's kept (``which="kept"``) or flagged samples as WebDataset shards, members
+    byte-identical (``ctray export``). Returns the :class:`~ctray.engine.export.ExportResult`."""
+    from ctray.engine.export import export_run
+
+    return export_run(os.fspath(run_dir), os.fspath(out), which=which, use_ray=use_ray)  # type: ignore[arg-type]
