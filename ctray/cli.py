@@ -448,7 +448,7 @@ def _run_act(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
     from ctray import io as cio
-    from ctray.engine.defenses import activation_scores
+    from ctray.engine.activations import activation_scores
 
     res = activation_scores(args.model, args.train, args.clean, _defense_cfg(args))  # type: ignore[arg-type]
     table = res.to_table()
@@ -468,7 +468,7 @@ def _run_act(args: argparse.Namespace) -> int:
 
 
 def _run_purify(args: argparse.Namespace) -> int:
-    from ctray.engine.defenses import evaluate_purified, purify_model
+    from ctray.engine.activations import evaluate_purified, purify_model
 
     cfg = _defense_cfg(args)
     res = purify_model(cfg, args.model, args.clean, args.out)  # type: ignore[arg-type]

@@ -309,7 +309,7 @@ def test_purifier_keeps_clean_accuracy(models, tmp_path, capsys):
     # tuning run: ASR 1.0 -> 0.09 at -6 points (the bounds are fitted on ~400 trusted images)
     assert ev["purified"]["asr"] <= 0.3, ev
     assert ev["purified"]["acc"] >= ev["plain"]["acc"] - 0.08, ev
-    from ctray.engine.defenses import load_purified
+    from ctray.engine.activations import load_purified
 
     cm = load_purified(out)
     assert len(cm.bounds()) == 5

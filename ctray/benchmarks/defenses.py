@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     from ctray.core.metrics import auroc, detection_metrics
     from ctray.data.poison import poison_dataset
     from ctray.data.shards import expand_shards, read_manifest
+    from ctray.engine.activations import activation_scores
     from ctray.engine.cluster import ensure_ray
-    from ctray.engine.defenses import activation_scores, audit_model, cleanse_model, repair_model
+    from ctray.engine.defenses import audit_model, cleanse_model, repair_model
     from ctray.engine.ground import load_truth
     from ctray.engine.train import evaluate, train_model
 

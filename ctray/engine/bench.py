@@ -211,7 +211,7 @@ def run_cell(cell: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, A
             log.info("bench %s: training f_base alone (ct is not among the methods)", name)
             train_model(cfg, fbase, extra={"bench": name, "role": "fbase"})
     if "act" in base_missing:
-        from ctray.engine.defenses import activation_scores
+        from ctray.engine.activations import activation_scores
 
         a = activation_scores(fbase, cfg.io.train, cfg.io.clean, cfg)  # flag rule: score > threshold (FRR act.frr)
         cio.write_parquet(mpath("scores", "act", "parquet"), pa.table({

@@ -1,5 +1,6 @@
-"""Drivers of the model-level defenses (seed-defenses.md): ``ctray repair``, ``audit``, ``cleanse-model``,
-``act-score`` and ``purify``.
+"""Drivers of the model-level defenses (seed-defenses.md): ``ctray repair``, ``audit`` and ``cleanse-model``
+(``act-score`` and ``purify`` are in :mod:`ctray.engine.activations`; what both share, in
+:mod:`ctray.engine.modelio`).
 
 Ray paths, one per method's shape:
 
@@ -8,9 +9,6 @@ Ray paths, one per method's shape:
 - audit (Calibrated Trigger Inversion): the reference model is a repair of the suspect model (cached by
   a hash of model bytes, trusted shards and ``repair.*``); the candidate classes are independent Ray
   tasks with fractional CPUs, the trusted set and both models put in the object store once.
-- activation statistics (BadActs for images): three Ray Data ``map_batches`` passes with a model-holding
-  actor: per-batch mergeable statistics on clean half A (reduced on the driver), per-sample scores of
-  clean half B (threshold) and of the scored shards (streamed; only shard, key, score reach the driver).
 
 Every method's monitoring, early stopping or selection uses a held-out split of the trusted/unlabeled
 data chosen by sample-id hash; none reads a test set.
@@ -22,142 +20,38 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from ctray import io as cio
-from ctray.config import TRAIN_AUGMENTS, Config
-from ctray.engine.score import collect_scores, map_model
+from ctray.config import Config
+from ctray.engine.modelio import (
+    abs_path,
+    model_inputs,
+    predict_labels,
+    read_for_model,
+    resolve_augment,
+    sample_rows,
+    sha256_files,
+    to_driver,
+)
 from ctray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ActScores",
     "AuditResult",
     "FinetuneResult",
-    "PurifyResult",
-    "activation_scores",
     "audit_model",
     "cleanse_model",
-    "load_purified",
-    "purify_model",
     "repair_model",
+    "resolve_augment",
 ]
 
-
-# ------------------------------------------------------------------------------------------ helpers
-
-
-def _abs(path: str) -> str:
-    """Local paths made absolute: Ray Train workers and Ray Data actors may run in another directory."""
-    return path if cio.is_remote(path) else os.path.abspath(path)
-
-
-def _model_inputs(model_path: str) -> tuple[Any, int, dict[str, Any]]:
-    """``(ImageSpec to read shards at, num_classes, checkpoint spec dict)`` of a ctray checkpoint."""
-    from ctray.data.shards import ImageSpec
-    from ctray.models.checkpoint import read_checkpoint
-
-    ck = read_checkpoint(model_path)
-    if ck["spec"] is None:
-        raise DataError(f"{model_path} is a bare state dict; the defenses need a ctray checkpoint (ctray train)")
-    ms = ck["spec"]
-    size, ch = int(ms["image_size"]), int(ms["in_channels"])
-    return ImageSpec(size, size, ch, on_size="resize"), int(ms["num_classes"]), ms
-
-
-def _ok_rows(batch: pa.Table) -> pa.Table:
-    return batch.filter(batch["ok"]).select(["shard", "key", "sid", "image", "label"])
-
-
-def _sample_rows(batch: pa.Table, frac: float, salt: int) -> pa.Table:
-    """The rows of ``batch`` whose sample id falls in a seeded ``frac`` share (order-independent)."""
-    from ctray.core.actstats import hash_split
-
-    return batch.filter(pa.array(hash_split(batch["sid"].to_numpy(), frac, salt)))
-
-
-def _read(shards: Sequence[str], model_path: str, cfg: Config, what: str) -> tuple[Any, list[str]]:
-    """Ray Dataset of the usable rows (``shard, key, sid, image, label``) of ``shards``, read at the
-    model's input spec (other sizes resized and counted)."""
-    from ctray.data.reader import read_shards
-    from ctray.data.shards import expand_shards
-
-    if not shards:
-        raise ConfigError(f"no {what} shards given")
-    paths = expand_shards(list(shards))
-    spec, C, _ = _model_inputs(model_path)
-    ds = read_shards(paths, spec, C, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict)
-    return ds.map_batches(_ok_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                          num_cpus=cfg.data.read_cpus), paths
-
-
-def _to_driver(ds: Any, what: str) -> dict[str, np.ndarray]:
-    """A small (trusted) dataset's usable rows in driver memory: ``images uint8 (N, H, W, C)``, ``labels``,
-    ``sids``, ``shard``, ``key``, sorted by sid (block order varies between runs; sid order does not)."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "label", "sid", "shard", "key")}
-    for b in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        for k in parts:
-            parts[k].append(np.asarray(b[k]))
-    if not parts["sid"]:
-        raise DataError(f"no usable sample in the {what} shards")
-    out = {k: np.concatenate(v) for k, v in parts.items()}
-    order = np.argsort(out["sid"], kind="stable")
-    return {"images": np.ascontiguousarray(out["image"][order]), "labels": out["label"][order].astype(np.int64),
-            "sids": out["sid"][order].astype(np.int64), "shard": out["shard"][order].astype(str),
-            "key": out["key"][order].astype(str)}
-
-
-def _predict_labels(model_path: str, images: np.ndarray, batch: int = 1024) -> np.ndarray:
-    """The model's predicted classes ``int64 (N,)`` of driver-held ``uint8 (N, H, W, C)`` images (eval mode)."""
-    import torch
-
-    from ctray.models.checkpoint import load_model
-    from ctray.training.steps import to_input
-
-    model, spec, _ = load_model(model_path)
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            x = to_input(torch.from_numpy(np.array(images[i:i + batch], copy=True)), spec.mean, spec.std)
-            out.append(model(x).argmax(1).numpy())
-    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
-
-
-def resolve_augment(mode: str, model_path: str) -> str:
-    """The augmentation a defense's fit uses on ``model_path``: ``mode`` itself unless it is ``"auto"``, which
-    takes the training augmentation the checkpoint records (``extra["augment"]``: ``ctray train`` writes
-    ``base.augment``, repair / cleanse pass theirs on), or ``"crop-flip"`` (the reference's transform) with a
-    warning when it records none. One of ``crop-flip``, ``crop``, ``none``."""
-    if mode != "auto":
-        return mode
-    from ctray.models.checkpoint import read_checkpoint
-
-    rec = read_checkpoint(model_path)["extra"].get("augment")
-    if rec in TRAIN_AUGMENTS:
-        log.info("augment=auto: %s was trained with augment=%s; the defense uses the same", model_path, rec)
-        return str(rec)
-    what = ("records no training augmentation (not made by ctray train)" if rec is None else
-            f"records an unknown training augmentation {rec!r}")
-    log.warning("augment=auto: %s %s; using crop-flip. Set repair.augment / cleanse.augment to the model's own "
-                "(none if it was trained without)", model_path, what)
-    return "crop-flip"
-
-
-def _sha256_files(paths: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.rsplit("/", 1)[-1].encode())
-        h.update(hashlib.sha256(cio.read_bytes(p)).digest())
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ repair / cleanse
@@ -190,10 +84,10 @@ def _finetune(cfg: Config, method: str, model_path: str, shards: Sequence[str], 
     cfg.validate()
     if not out:
         raise ConfigError("no output checkpoint: give --out")
-    model_path, out = _abs(model_path), _abs(out)
+    model_path, out = abs_path(model_path), abs_path(out)
     ensure_ray(cfg)
     what = "trusted clean" if method == "repair" else "unlabeled"
-    ds, paths = _read(shards, model_path, cfg, what)
+    ds, paths = read_for_model(shards, model_path, cfg, what)
     ds = ds.select_columns(["sid", "image", "label"], num_cpus=cfg.data.read_cpus).materialize()
     if ds.count() == 0:
         raise DataError(f"no usable sample in the {what} shards {paths[:3]}")
@@ -286,7 +180,7 @@ def _audit_for_unlearning(cfg: Config, method: str, model_path: str, shards: Seq
     faithful.cleanse.unlearn, faithful.cleanse.unlearn_every = 0.0, 0
     if method == "cleanse":
         faithful.audit.use_labels = False  # the unlabeled shards' labels are never used
-    audit_dir = _abs(out) + ".audit"
+    audit_dir = abs_path(out) + ".audit"
     a = audit_model(faithful, model_path, shards, out_dir=audit_dir)
     assert a.trigger is not None  # audit_model always sets the target's trigger
     unlearn = {"class": a.target, "audit_score": a.score, "audit_backdoored": a.backdoored,
@@ -431,22 +325,22 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
     cfg.validate()
     ensure_ray(cfg)
     t0 = time.monotonic()
-    model_path = _abs(model_path)
+    model_path = abs_path(model_path)
     what = "trusted clean" if cfg.audit.use_labels else "unlabeled"
-    ds, paths = _read(clean, model_path, cfg, what)
+    ds, paths = read_for_model(clean, model_path, cfg, what)
     cfg = copy.deepcopy(cfg)
     # the reference is the paper's PT (an unlearning repair would audit again; kd is ctray's extension)
     cfg.repair.unlearn, cfg.repair.unlearn_every, cfg.repair.kd = 0.0, 0, 0.0
     if not cfg.audit.use_labels:
         cfg.repair.use_labels = False  # label-free reference: self-distillation to the pivot
     cfg.repair.augment = resolve_augment(cfg.repair.augment, model_path)  # the cache key holds the resolved mode
-    _, C, spec = _model_inputs(model_path)
+    _, C, spec = model_inputs(model_path)
     if ref is None:
         rep = cfg.to_dict()["repair"]
         for off in ("kd", "kd_t"):  # off (always, here): left out of the key, so caches made before kd stay valid
             rep.pop(off, None)
         key = hashlib.sha256(json.dumps({
-            "model": hashlib.sha256(cio.read_bytes(model_path)).hexdigest(), "clean": _sha256_files(paths),
+            "model": hashlib.sha256(cio.read_bytes(model_path)).hexdigest(), "clean": sha256_files(paths),
             "repair": rep, "seed": cfg.seed}, sort_keys=True).encode()).hexdigest()[:16]
         cache = cache_dir or (cio.join(out_dir, "ref-cache") if out_dir else
                               os.path.join(os.path.expanduser("~"), ".cache", "ctray", "ref"))
@@ -463,14 +357,14 @@ def audit_model(cfg: Config, model_path: str, clean: Sequence[str], out_dir: str
         if n_read > cfg.audit.max_images:
             log.info("audit: %d usable %s images; inverting on a seeded sample of about %d (audit.max_images)",
                      n_read, what, cfg.audit.max_images)
-            ds = ds.map_batches(_sample_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+            ds = ds.map_batches(sample_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
                                 fn_kwargs={"frac": cfg.audit.max_images / n_read, "salt": cfg.seed * 1000 + 309},
                                 num_cpus=cfg.data.read_cpus)
-    data = _to_driver(ds, what)
+    data = to_driver(ds, what)
     if n_read is None:
         n_read = len(data["sids"])
     if not cfg.audit.use_labels:  # the shards' labels are never used: the model's own answers stand in
-        data["labels"] = _predict_labels(model_path, data["images"])
+        data["labels"] = predict_labels(model_path, data["images"])
     ev = hash_split(data["sids"], cfg.audit.eval_frac, cfg.seed * 1000 + 303)
     if ev.all() or not ev.any():
         raise DataError(f"audit needs trusted samples on both sides of the eval split; got {len(ev)} samples")
@@ -535,306 +429,3 @@ def _write_audit(out_dir: str, res: AuditResult, results: list[dict[str, Any]], 
         from ctray.report import write_audit_report
 
         write_audit_report(out_dir)
-
-
-# ------------------------------------------------------------------------------ activation scores
-
-
-class _ActMapper:
-    """``map_batches`` callable holding the model: per batch, either mergeable statistics of the rows in
-    clean half A (``op="moments"`` / ``"hist"``, one pickled row per batch) or per-sample scores
-    (``op="score"``: ``shard, key, sid, score``)."""
-
-    def __init__(self, model_path: str, pool: str, threads: int, op: str, payload: dict[str, Any]):
-        import torch
-
-        from ctray.models.checkpoint import load_model
-
-        torch.set_num_threads(max(1, threads))
-        self.model, self.spec, _ = load_model(model_path)
-        self.pool, self.op, self.p = pool, op, payload
-
-    def _features(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
-        from ctray.defenses.actstats import activation_features
-        from ctray.training.steps import to_input
-
-        x = to_input(torch.from_numpy(np.array(images, copy=True)), self.spec.mean, self.spec.std)
-        return activation_features(self.model, x, self.pool)[0].numpy().astype(np.float64)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ctray.core.actstats import ActHistogram, ActMoments, hash_split, out_of_interval_score
-
-        if self.op == "score":
-            feats = self._features(batch["image"])
-            s = out_of_interval_score(feats, self.p["lo"], self.p["hi"], self.p["active"])
-            return {"shard": batch["shard"], "key": batch["key"], "sid": batch["sid"], "label": batch["label"], "score": s}
-        a = hash_split(batch["sid"], 0.5, self.p["split_seed"])
-        f = self._features(batch["image"][a]) if a.any() else None
-        if self.op == "moments":
-            m = ActMoments.zeros(self.p["width"]) if f is None else ActMoments.of(f)
-            return {"blob": np.array([pickle.dumps(m)], dtype=object)}
-        h = ActHistogram.empty(self.p["lo"], self.p["hi"], self.p["bins"])
-        if f is not None:
-            h.update(f)
-        return {"blob": np.array([pickle.dumps(h)], dtype=object)}
-
-
-@dataclass
-class ActScores:
-    """Per-sample activation-statistics scores (BadActs transfer, seed-defenses.md §2.5).
-
-    ``score`` float64 (N,) in [0, 1]: share of the model's pooled block-output channels outside their clean
-    interval; **higher = more suspicious**. Flag rule: ``flagged = score > threshold``, where
-    ``threshold`` is the ``1 - act.frr`` quantile of the scores of clean half B (the trusted samples whose
-    sample-id hash falls in B; the intervals are fitted on half A only), so about ``act.frr`` of clean
-    data is flagged. Rows: the usable samples of the scored shards, sorted by ``(shard, key)``; ``label`` is
-    each sample's given label (int64), so the rows drop into ``ctray bench``'s per-method score files.
-    """
-
-    shard: np.ndarray
-    key: np.ndarray
-    label: np.ndarray
-    score: np.ndarray
-    flagged: np.ndarray
-    threshold: float
-    n_fit: int
-    n_calib: int
-    n_active: int
-    n_neurons: int
-    seconds: float
-
-    def to_table(self) -> pa.Table:
-        """``shard, key, label, score, flagged`` as a pyarrow Table."""
-        return pa.table({"shard": self.shard, "key": self.key, "label": self.label, "score": self.score,
-                         "flagged": self.flagged})
-
-
-def _act_pass(ds: Any, model_path: str, cfg: Config, op: str, payload: dict[str, Any]) -> Any:
-
-    return map_model(ds, _ActMapper, {"model_path": model_path, "pool": cfg.act.pool,
-                                      "threads": max(1, int(cfg.data.score_cpus)), "op": op, "payload": payload},
-                     cfg.data)
-
-
-def _merge_blobs(ds: Any) -> Any:
-    total = None
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for blob in b["blob"]:
-            part = pickle.loads(blob)
-            total = part if total is None else total.merge(part)
-    return total
-
-
-def fit_act_intervals(model_path: str, clean_shards: Sequence[str], cfg: Config) -> dict[str, Any]:
-    """Fit the clean intervals on half A of the trusted shards and the flag threshold on half B.
-
-    Returns:
-        ``{"lo", "hi", "active" (F,) arrays, "threshold", "n_fit", "n_calib", "n_neurons", "n_active"}``.
-    """
-    from ctray.core.actstats import (
-        constant_neurons,
-        frr_threshold,
-        hash_split,
-        intervals_gauss,
-        intervals_quantile,
-    )
-
-    a = cfg.act
-    clean, _ = _read(clean_shards, model_path, cfg, "trusted clean")
-    clean = clean.materialize()
-    width = _feature_width(model_path, cfg)
-    mom = _merge_blobs(_act_pass(clean, model_path, cfg, "moments", {"width": width, "split_seed": a.split_seed}))
-    if mom is None or mom.n < 2:
-        raise DataError(f"activation statistics need >= 2 trusted samples in half A, got {0 if mom is None else mom.n}")
-    if a.mode == "gauss":
-        lo, hi = intervals_gauss(mom, a.delta, a.sigma_floor)
-    else:
-        hist = _merge_blobs(_act_pass(clean, model_path, cfg, "hist", {"lo": mom.lo, "hi": mom.hi, "bins": a.bins,
-                                                                       "split_seed": a.split_seed}))
-        lo, hi = intervals_quantile(hist, a.alpha)
-    active = ~constant_neurons(mom, a.sigma_floor) if a.drop_constant else np.ones(width, bool)
-    sc = collect_scores(_act_pass(clean, model_path, cfg, "score", {"lo": lo, "hi": hi, "active": active}), ("sid", "score"))
-    b = ~hash_split(sc["sid"].astype(np.int64), 0.5, a.split_seed)
-    if not b.any():
-        raise DataError("no trusted sample falls in calibration half B: give more trusted samples")
-    thr = frr_threshold(sc["score"][b], a.frr)
-    return {"lo": lo, "hi": hi, "active": active, "threshold": thr, "n_fit": int(mom.n), "n_calib": int(b.sum()),
-            "n_neurons": int(width), "n_active": int(active.sum())}
-
-
-def _feature_width(model_path: str, cfg: Config) -> int:
-    import torch
-
-    from ctray.defenses.actstats import activation_features
-    from ctray.models.checkpoint import load_model
-
-    model, spec, _ = load_model(model_path)
-    x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
-    return int(activation_features(model, x, cfg.act.pool)[0].shape[1])
-
-
-def activation_scores(model_path: str, shards: Sequence[str], clean_shards: Sequence[str], cfg: Config) -> ActScores:
-    """Score every usable sample of ``shards`` by its share of out-of-interval activations (a detector).
-
-    Args:
-        model_path: ctray checkpoint of the model trained on the suspect data (e.g. ``ctray train`` on
-            it, or a detect run's ``checkpoints/round_0/fbase.pt``).
-        shards: shard specs to score (the suspect training set).
-        clean_shards: trusted clean shard specs: half A (by sample-id hash, ``act.split_seed``) fits the
-            per-neuron intervals (``act.mode``), half B sets the threshold at ``act.frr``.
-        cfg: config (``act.*``, ``data.*``).
-
-    Returns:
-        :class:`ActScores` (flag rule: ``score > threshold``; see there).
-    """
-    from ctray.engine.cluster import ensure_ray
-
-    cfg.validate()
-    ensure_ray(cfg)
-    t0 = time.monotonic()
-    model_path = _abs(model_path)
-    fit = fit_act_intervals(model_path, clean_shards, cfg)
-    ds, paths = _read(shards, model_path, cfg, "scored")
-    sc = collect_scores(_act_pass(ds, model_path, cfg, "score", {k: fit[k] for k in ("lo", "hi", "active")}),
-                  ("shard", "key", "label", "score"))
-    order = np.lexsort((sc["key"].astype(str), sc["shard"].astype(str)))
-    score = sc["score"][order].astype(np.float64)
-    res = ActScores(shard=sc["shard"][order].astype(str), key=sc["key"][order].astype(str),
-                    label=sc["label"][order].astype(np.int64), score=score,
-                    flagged=score > fit["threshold"], threshold=float(fit["threshold"]), n_fit=fit["n_fit"],
-                    n_calib=fit["n_calib"], n_active=fit["n_active"], n_neurons=fit["n_neurons"],
-                    seconds=time.monotonic() - t0)
-    log.info("activation scores: %d samples of %d shards, threshold %.4f (FRR %.3f on %d clean), flagged %d (%.1fs)",
-             len(score), len(paths), res.threshold, cfg.act.frr, res.n_calib, int(res.flagged.sum()), res.seconds)
-    return res
-
-
-# ------------------------------------------------------------------------------------------ purify
-
-
-@dataclass
-class PurifyResult:
-    """A purified checkpoint: the suspect model's weights plus learned per-channel clamp bounds in
-    ``extra["clamp"]`` (load it with :func:`load_purified`). ``info``: ``acc_plain`` / ``acc_clamped`` on the
-    trusted set, final ``c``, ``restarts``."""
-
-    ckpt: str
-    info: dict[str, Any]
-    seconds: float
-
-
-def purify_model(cfg: Config, model_path: str, clean: Sequence[str], out: str) -> PurifyResult:
-    """Learn the BadActs activation-clamping purifier on trusted clean data (weights frozen; ``cfg.act.purify_*``).
-
-    Runs on the driver: a few thousand bound parameters trained on the small trusted set (seed-defenses.md
-    §2.6: one device is enough). The trusted set's rows come through Ray Data.
-    """
-    import torch
-
-    from ctray.defenses.actstats import activation_modules, learn_intervals
-    from ctray.engine.cluster import ensure_ray
-    from ctray.models.checkpoint import load_model, save_model
-    from ctray.training.steps import to_input
-
-    cfg.validate()
-    ensure_ray(cfg)
-    t0 = time.monotonic()
-    ds, _ = _read(clean, model_path, cfg, "trusted clean")
-    data = _to_driver(ds, "trusted clean")
-    model, spec, extra = load_model(model_path)
-    x = to_input(torch.from_numpy(data["images"]), spec.mean, spec.std)
-    y = torch.from_numpy(data["labels"])
-    a = cfg.act
-    cm, info = learn_intervals(model, x, y, epochs=a.purify_epochs, lr=a.purify_lr, batch_size=a.purify_batch_size,
-                               c0=a.purify_c, a=a.purify_a, keep=a.purify_keep, min_share=a.purify_min,
-                               init=a.purify_init, seed=cfg.seed)
-    clamp = {"modules": [n for n, _ in activation_modules(model)], "bounds": cm.bounds(), "info": info}
-    save_model(out, model, spec, {**extra, "clamp": clamp, "purified_from": model_path})
-    return PurifyResult(ckpt=out, info=info, seconds=time.monotonic() - t0)
-
-
-def load_purified(path: str) -> Any:
-    """The :class:`ctray.defenses.actstats.ClampedModel` of a :func:`purify_model` checkpoint (eval mode).
-
-    Raises:
-        DataError: the checkpoint holds no clamp bounds.
-    """
-    import torch
-
-    from ctray.defenses.actstats import ClampedModel, activation_modules
-    from ctray.models.checkpoint import load_model
-
-    model, _, extra = load_model(path)
-    clamp = extra.get("clamp")
-    if not clamp:
-        raise DataError(f"{path} holds no clamp bounds (write one with ctray purify)")
-    names = [n for n, _ in activation_modules(model)]
-    if names != clamp["modules"]:
-        raise DataError(f"{path}: clamp bounds for modules {clamp['modules']} do not match the model's {names}")
-    b = clamp["bounds"]
-    u0 = [torch.tensor(x["hi"]) for x in b]
-    m0 = [torch.log((torch.tensor(x["hi"]) - torch.tensor(x["lo"])).clamp_min(1e-12)) for x in b]
-    cm = ClampedModel(model, [len(x["hi"]) for x in b], u0, m0)
-    cm.eval()
-    return cm
-
-
-class _ClampPredictor:
-    """``map_batches`` callable: ``{image, label, meta}`` -> plain and purified predictions + attack target."""
-
-    def __init__(self, model_path: str, threads: int = 1):
-        import torch
-
-        torch.set_num_threads(max(1, threads))
-        self.cm = load_purified(model_path)
-        self.spec = _model_inputs(model_path)[2]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from ctray.engine.train import meta_target
-        from ctray.training.steps import to_input
-
-        x = to_input(torch.from_numpy(np.array(batch["image"], copy=True)), self.spec["mean"], self.spec["std"])
-        with torch.no_grad():
-            self.cm.enabled = False
-            plain = self.cm(x).argmax(1).numpy()
-            self.cm.enabled = True
-            clamped = self.cm(x).argmax(1).numpy()
-        return {"label": batch["label"].astype(np.int64), "plain": plain, "clamped": clamped,
-                "target": np.array([meta_target(m) for m in batch["meta"]], np.int64)}
-
-
-def _ok_meta(batch: pa.Table) -> pa.Table:
-    return batch.filter(batch["ok"]).select(["image", "label", "meta"])
-
-
-def evaluate_purified(model_path: str, test: Sequence[str] | None, triggered: Sequence[str] | None,
-                      data_cfg: Any) -> dict[str, dict[str, float | None]]:
-    """Clean accuracy and ASR of a :func:`purify_model` checkpoint without and with its clamp, as
-    ``ctray evaluate`` defines them (ASR over triggered samples whose label is not their ``.json`` target).
-
-    Returns:
-        ``{"plain": {"acc", "asr"}, "purified": {"acc", "asr"}}`` (None where no shards were given).
-    """
-    from ctray.data.reader import read_shards
-    from ctray.data.shards import expand_shards
-
-    model_path = _abs(model_path)
-    spec, C, _ = _model_inputs(model_path)
-    out: dict[str, dict[str, float | None]] = {"plain": {"acc": None, "asr": None},
-                                               "purified": {"acc": None, "asr": None}}
-    for name, shards in (("acc", test), ("asr", triggered)):
-        if not shards:
-            continue
-        ds = read_shards(expand_shards(list(shards)), spec, C, num_cpus=data_cfg.read_cpus)
-        ds = ds.map_batches(_ok_meta, batch_format="pyarrow", batch_size=None, num_cpus=data_cfg.read_cpus)
-        r = collect_scores(map_model(ds, _ClampPredictor, {"model_path": model_path}, data_cfg, size=1),
-                     ("label", "plain", "clamped", "target"))
-        use = np.ones(len(r["label"]), bool) if name == "acc" else (r["target"] >= 0) & (r["label"] != r["target"])
-        ref = r["label"] if name == "acc" else r["target"]
-        for k, col in (("plain", "plain"), ("purified", "clamped")):
-            out[k][name] = float((r[col][use] == ref[use]).mean()) if use.any() else None
-    return out

@@ -427,7 +427,7 @@ def _detect_locked(cfg: Config, on_round: Callable[[dict[str, Any]], None] | Non
     # ---- optional extra column: activation statistics of f_base (BadActs transfer; ctray.engine.defenses)
     if cfg.act.in_detect:
         from ctray.data.shards import sample_ids
-        from ctray.engine.defenses import activation_scores
+        from ctray.engine.activations import activation_scores
 
         t_act = time.monotonic()
         act = activation_scores(cio.join(state["fbase_ckpt"], FBASE), train_paths, clean_paths, cfg)
