@@ -16,6 +16,7 @@ import os
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -78,374 +79,477 @@ def detect(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None = None
         return _detect_locked(cfg, on_round, out, inputs, t_start)
 
 
+@dataclass
+class _Run:
+    """One detection run's state, passed from phase to phase (the driver's per-sample arrays are in the
+    driver's order: real samples by id, then canaries)."""
+
+    cfg: Config
+    out: str
+    t_start: float
+    train_paths: list[str]
+    clean_paths: list[str]
+    spec: Any
+    n_cls: int | None
+    state: dict[str, Any]
+    secs: dict[str, float] = field(default_factory=dict)
+    # set by _read
+    cached: bool = False
+    ident: Any = None
+    r_usable: Any = None
+    d_final: Any = None
+    d_usable: Any = None
+    can_usable: Any = None
+    cplan: Any = None
+    sids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    labels: np.ndarray = field(default_factory=lambda: np.empty(0, np.int16))
+    lab_dt: Any = np.int16
+    C: int = 0
+    n_real: int = 0
+    index: Any = None
+    truth: tuple[np.ndarray, np.ndarray] | None = None
+    # set by _resume and the rounds
+    round_losses: list[np.ndarray] = field(default_factory=list)
+    rounds_info: list[dict[str, Any]] = field(default_factory=list)
+    keep: np.ndarray | None = None
+    fbase_ckpt: str | None = None
+    prev_ckpt: str | None = None
+    final_scores: dict[str, np.ndarray] | None = None
+    agg: Any = None
+    scaling_cfg: Any = None  # Ray Train's ScalingConfig and the torch threads per worker (cluster.scaling)
+    threads: int = 1
+
+    @property
+    def N(self) -> int:  # noqa: N802 - the paper's name for |D|
+        return len(self.sids)
+
+    @property
+    def n_can(self) -> int:
+        return self.N - self.n_real
+
+    @property
+    def state_path(self) -> str:
+        return cio.join(self.out, "state.json")
+
+    @property
+    def storage(self) -> str:
+        return os.path.abspath(cio.join(self.out, "train")) if not cio.is_remote(self.out) else cio.join(self.out, "train")
+
+
 def _detect_locked(cfg: Config, on_round: Callable[[dict[str, Any]], None] | None, out: str,
                    inputs: tuple[list[str], list[str], Any, int | None], t_start: float) -> DetectResult:
-    """:func:`detect` once the inputs are resolved and the run directory is ``out``, locked."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from ctray.core.budget import decoded_bytes, fits
-    from ctray.core.decide import WEAK_EVIDENCE_NOTE, Decision, decide, flag_samples, likelihood_ratios
-    from ctray.core.distill import distill, keep_count
-    from ctray.core.index import ColumnFiller, SampleIndex, label_dtype
-    from ctray.core.shardstats import GroupStats
-    from ctray.data.reader import TRAIN_COLUMNS, read_shards, select_ids, usable
-    from ctray.engine.aggregate import (
-        feed_aggregator,
-        flagged_by_group,
-        scoring_view,
-        start_aggregator,
-        with_sources,
-        write_group_tables,
-    )
-    from ctray.engine.canary import canary_dataset, plan_canaries
-    from ctray.engine.identity import preserve_order, read_identity, truth_by_sid, write_scores
-    from ctray.engine.score import (
-        PROJECT_CPUS,
-        class_projections,
-        collect_scores,
-        project_features,
-        score_dataset,
-        scores_and_moments,
-    )
-    from ctray.models.checkpoint import read_checkpoint
-    from ctray.training.loop import CONFUSED, FBASE, train_loop_per_worker
-
-    secs: dict[str, float] = {}
+    """:func:`detect` once the inputs are resolved and the run directory is ``out``, locked: read, resume,
+    the rounds, the decision, the outputs."""
     train_paths, clean_paths, spec, n_cls = inputs
-    # ---- resume state
+    run = _Run(cfg, out, t_start, train_paths, clean_paths, spec, n_cls, _load_state(cfg, out, train_paths, clean_paths))
+    ensure_ray(cfg)
+    _read(run)
+    run.scaling_cfg, run.threads = scaling(cfg)
+    _resume(run)
+    for r in range(len(run.state["rounds"]), cfg.ct.rounds):
+        _round(run, r, on_round)
+    if run.final_scores is None:  # every round was done before: rescore the final model for the decision
+        assert run.prev_ckpt is not None  # rounds >= 1 (validated) and all were done: the resume loop set it
+        run.final_scores, run.agg = _final_pass(run, run.prev_ckpt, "final rescoring pass")
+        run.final_scores.pop("loss")
+    return _write_outputs(run, _decide(run), on_round)
+
+
+def _load_state(cfg: Config, out: str, train_paths: list[str], clean_paths: list[str]) -> dict[str, Any]:
+    """The resume state of ``out`` (rounds done), or a fresh one; checked before Ray starts.
+
+    Raises:
+        DataError: state.json is unreadable (named, with how to recover).
+        RunDirMismatchError: it belongs to another config or other inputs.
+    """
     fp = _fingerprint(cfg, train_paths, clean_paths)
     state_path = cio.join(out, "state.json")
-    state: dict[str, Any] = {"fingerprint": fp, "rounds": []}
-    if cio.exists(state_path):
-        try:
-            old = cio.read_json(state_path)
-            if not isinstance(old, dict) or not isinstance(old.get("rounds"), list):
-                raise ValueError("not a ctray resume state (no list of rounds)")
-        except (OSError, ValueError) as e:
-            raise DataError(f"the resume state {state_path} is unreadable ({e}); it records which rounds are done: "
-                            "delete it to recompute every round in this run directory, or give a new --out") from None
-        if old.get("fingerprint") != fp:
-            raise RunDirMismatchError(f"run directory {out} holds a run with another config or inputs "
-                              f"(fingerprint {old.get('fingerprint')} != {fp}); use a new --out")
-        state = old
-        if state["rounds"]:
-            log.info("resuming %s: %d of %d rounds already done", out, len(state["rounds"]), cfg.ct.rounds)
-    ensure_ray(cfg)
+    if not cio.exists(state_path):
+        return {"fingerprint": fp, "rounds": []}
+    try:
+        old = cio.read_json(state_path)
+        if not isinstance(old, dict) or not isinstance(old.get("rounds"), list):
+            raise ValueError("not a ctray resume state (no list of rounds)")
+    except (OSError, ValueError) as e:
+        raise DataError(f"the resume state {state_path} is unreadable ({e}); it records which rounds are done: "
+                        "delete it to recompute every round in this run directory, or give a new --out") from None
+    if old.get("fingerprint") != fp:
+        raise RunDirMismatchError(f"run directory {out} holds a run with another config or inputs "
+                                  f"(fingerprint {old.get('fingerprint')} != {fp}); use a new --out")
+    if old["rounds"]:
+        log.info("resuming %s: %d of %d rounds already done", out, len(old["rounds"]), cfg.ct.rounds)
+    return old
 
-    # ---- read D (the memory model, data.cache_bytes): decoded D is cached in the object store only when
-    # it fits the budget (twice: the read rows and the scoring view coexist while the view is built);
-    # otherwise nothing of D is held and every pass re-reads and re-decodes the shards.
+
+def _read(run: _Run) -> None:
+    """Read D and R (bad input -> quarantine rows); the identity pass; canaries; the driver's order.
+
+    The memory model (data.cache_bytes): decoded D is cached in the object store only when it fits the
+    budget (twice: the read rows and the scoring view coexist while the view is built); otherwise nothing
+    of D is held and every pass re-reads and re-decodes the shards."""
+    from ctray.core.budget import decoded_bytes, fits
+    from ctray.core.index import SampleIndex, label_dtype
+    from ctray.data.reader import TRAIN_COLUMNS, read_shards, usable
+    from ctray.engine.aggregate import scoring_view, with_sources
+    from ctray.engine.canary import canary_dataset, plan_canaries
+    from ctray.engine.identity import preserve_order, read_identity, truth_by_sid
+    from ctray.engine.score import PROJECT_CPUS, collect_scores
+
+    cfg, spec = run.cfg, run.spec
     t = time.monotonic()
-    n_est = estimate_samples(train_paths)
+    n_est = estimate_samples(run.train_paths)
     budget = cache_budget(cfg)
-    cached = fits(2 * n_est, spec.shape, budget)
+    run.cached = fits(2 * n_est, spec.shape, budget)
     log.info("D: about %d samples of %s (%.0f MB decoded); %s (data.cache_bytes: %.0f MB)", n_est, spec.shape,
              decoded_bytes(n_est, spec.shape) / 1e6,
-             "cached in the object store" if cached else "streamed from the shards in every pass", budget / 1e6)
-    ds_all = with_sources(read_shards(train_paths, spec, n_cls, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict),
-                          cfg.data.read_cpus)
-    if cached:
+             "cached in the object store" if run.cached else "streamed from the shards in every pass", budget / 1e6)
+    ds_all = with_sources(read_shards(run.train_paths, spec, run.n_cls, num_cpus=cfg.data.read_cpus,
+                                      strict=cfg.data.strict), cfg.data.read_cpus)
+    if run.cached:
         with preserve_order():
             ds_all = ds_all.materialize()
     # identity pass: ids and labels on the driver (sorted by id: the driver's sample order and tie-break,
     # the same on every run), identity strings to a local Parquet store, quarantined rows' reasons
-    ident = read_identity(ds_all, cfg.data.read_cpus)
-    ds_r = read_shards(clean_paths, spec, n_cls, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict).materialize()
+    ident = run.ident = read_identity(ds_all, cfg.data.read_cpus)
+    ds_r = read_shards(run.clean_paths, spec, run.n_cls, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict).materialize()
     r_ident = collect_scores(ds_r, ("ok", "label", "reason"))
-    secs["read"] = time.monotonic() - t
-    n_read, n_quar = ident.n_read, ident.n_quarantined
+    run.secs["read"] = time.monotonic() - t
     log.info("read %d train samples from %d shards: %d usable, %d quarantined, %d shard failures (%.1fs)",
-             n_read, len(train_paths), ident.n_usable, n_quar, ident.n_shard_failures, secs["read"])
+             ident.n_read, len(run.train_paths), ident.n_usable, ident.n_quarantined, ident.n_shard_failures,
+             run.secs["read"])
     if ident.n_usable == 0:
-        raise DataError(f"no usable train sample in {len(train_paths)} shards (see quarantine reasons)")
-    if int(r_ident["ok"].sum()) == 0:
-        raise DataError(f"no usable sample in the clean reserve {clean_paths[:3]}")
-    if int((~r_ident["ok"].astype(bool)).sum()):
-        log.warning("clean reserve: %d samples quarantined", int((~r_ident["ok"].astype(bool)).sum()))
+        raise DataError(f"no usable train sample in {len(run.train_paths)} shards (see quarantine reasons)")
+    r_ok = r_ident["ok"].astype(bool)
+    if int(r_ok.sum()) == 0:
+        raise DataError(f"no usable sample in the clean reserve {run.clean_paths[:3]}")
+    if int((~r_ok).sum()):
+        log.warning("clean reserve: %d samples quarantined", int((~r_ok).sum()))
     sids, labels = ident.sids, ident.labels  # the driver's order: ids ascending (+ canaries appended below)
     if len(sids) > 1 and bool(np.any(sids[1:] == sids[:-1])):
         raise DataError("two usable samples share one (shard, key) id; shard ids must be unique")
-    C = int(n_cls or max(int(labels.max()), int(r_ident["label"][r_ident["ok"].astype(bool)].max())) + 1)
+    C = run.C = int(run.n_cls or max(int(labels.max()), int(r_ident["label"][r_ok].max())) + 1)
     if C < 2:
         raise DataError("CT needs at least 2 classes")
-    lab_dt = label_dtype(C)
-    labels = labels.astype(lab_dt, copy=False)
+    run.lab_dt = label_dtype(C)
+    labels = labels.astype(run.lab_dt, copy=False)
     # the usable rows with the scoring columns: every round's training and scoring pass reads these (cached:
     # the blocks of a materialized view, and the read rows are released; streamed: a re-read of the shards)
     d_final = scoring_view(ds_all, cfg.data.read_cpus)  # + shard, source for the shard/source tables
     # defender canaries (sweep): appended after the real samples; every array below covers both, every
     # user-facing output only the first n_real entries
-    n_real = len(sids)
-    cplan = plan_canaries(sids, labels, None, None, C, cfg.canary.rate, cfg.canary.min_count,
-                          cfg.canary.target, cfg.seed, names=ident.store.names)
-    can_usable = None  # the canaries' training columns (materialized: 0.2% of D or so)
-    if cplan is not None:
-        can = canary_dataset(ds_all, cplan, cfg.data.read_cpus)
+    run.n_real = len(sids)
+    run.cplan = plan_canaries(sids, labels, None, None, C, cfg.canary.rate, cfg.canary.min_count,
+                              cfg.canary.target, cfg.seed, names=ident.store.names)
+    if run.cplan is not None:
+        can = canary_dataset(ds_all, run.cplan, cfg.data.read_cpus)
         d_final = d_final.union(scoring_view(can, cfg.data.read_cpus))
-        can_usable = scoring_view(can, cfg.data.read_cpus).select_columns(list(TRAIN_COLUMNS), num_cpus=PROJECT_CPUS)
-        sids = np.concatenate([sids, cplan.sids])
-        labels = np.concatenate([labels, np.full(len(cplan), cplan.target, lab_dt)])
+        # the canaries' training columns (materialized: 0.2% of D or so)
+        run.can_usable = scoring_view(can, cfg.data.read_cpus).select_columns(list(TRAIN_COLUMNS),
+                                                                              num_cpus=PROJECT_CPUS)
+        sids = np.concatenate([sids, run.cplan.sids])
+        labels = np.concatenate([labels, np.full(len(run.cplan), run.cplan.target, run.lab_dt)])
         if len(np.unique(sids)) != len(sids):
             raise DataError("a canary id collides with a sample id; change seed")
-    if cached:
-        d_final = d_final.materialize()
+    run.d_final = d_final.materialize() if run.cached else d_final
     del ds_all
-    d_usable = d_final.select_columns(list(TRAIN_COLUMNS), num_cpus=PROJECT_CPUS)
-    n_can = len(sids) - n_real
-    N = len(sids)
+    run.d_usable = run.d_final.select_columns(list(TRAIN_COLUMNS), num_cpus=PROJECT_CPUS)
+    run.sids, run.labels = sids, labels
     # Driver memory per sample (data.* budgets do not cover it; README "Memory model"): sid 8 B, label 2 B,
     # a float32 loss per round, the final pred/prob/projections 14 B, flags and truth 3 B; every pass writes
     # into preallocated arrays by sample id (ColumnFiller), never a list of batches or an aligned copy
-    index = SampleIndex(sids)
+    run.index = SampleIndex(sids)
+    run.r_usable = usable(ds_r).materialize()
+    if cfg.io.truth:
+        p, c = truth_by_sid(cfg.io.truth, ident.sids)
+        run.truth = (np.r_[p, np.zeros(run.n_can, bool)], np.r_[c, np.zeros(run.n_can, bool)]) if run.n_can else (p, c)
 
-    r_usable = usable(ds_r).materialize()
-    del ds_r
-    cfg_d = cfg.to_dict()
-    scaling_cfg, threads = scaling(cfg)
-    cfg_d["scale"]["torch_threads"] = threads
 
-    storage = os.path.abspath(cio.join(out, "train")) if not cio.is_remote(out) else cio.join(out, "train")
-    round_losses: list[np.ndarray] = []
-    keep: np.ndarray | None = None
-    rounds_info: list[dict[str, Any]] = []
-    fbase_ckpt = prev_ckpt = None
+def _resume(run: _Run) -> None:
+    """Load the rounds already done. A damaged file of a done round (losses, kept set, checkpoint) is
+    never used: that round and the later ones are recomputed (their checkpoints and Train storage
+    discarded first)."""
+    from ctray.core.index import ColumnFiller
+    from ctray.models.checkpoint import read_checkpoint
+    from ctray.training.loop import CONFUSED, FBASE
+
+    state, out = run.state, run.out
     for i, rs in enumerate(state["rounds"]):
-        # a damaged file of a done round (losses, kept set, checkpoint) is never used: that round and the
-        # later ones are recomputed (their checkpoints and Train storage discarded first)
         try:
             saved = load_npz(cio.join(out, rs["losses"]))
-            filler = ColumnFiller(index, {"loss": np.float32})
+            filler = ColumnFiller(run.index, {"loss": np.float32})
             filler.add(saved["sid"], saved)
             losses_i = filler.finish(f"{rs['losses']} (round {rs['info']['round']})")["loss"]
             del saved, filler
             keep_i = load_npy(cio.join(out, rs["kept"])) if rs.get("kept") else None
-            if keep_i is not None and (keep_i.dtype != np.int64 or not np.all(index.positions(keep_i)[1])):
+            if keep_i is not None and (keep_i.dtype != np.int64 or not np.all(run.index.positions(keep_i)[1])):
                 raise ValueError(f"{rs['kept']} does not hold this run's sample ids")
             read_checkpoint(cio.join(rs["ckpt"], CONFUSED))
             if i == 0:
                 read_checkpoint(cio.join(state["fbase_ckpt"], FBASE))
         except (OSError, ValueError, KeyError, EOFError, RuntimeError, CtrayError, zipfile.BadZipFile) as e:
             log.warning("resume: round %d's files are damaged (%s): recomputing rounds %d..%d", i + 1,
-                        f"{type(e).__name__}: {e}"[:300], i + 1, cfg.ct.rounds)
-            _discard_rounds(out, storage, range(i, cfg.ct.rounds))
+                        f"{type(e).__name__}: {e}"[:300], i + 1, run.cfg.ct.rounds)
+            _discard_rounds(out, run.storage, range(i, run.cfg.ct.rounds))
             state["rounds"] = state["rounds"][:i]
             if i == 0:
                 state.pop("fbase_ckpt", None)
-            cio.write_json(state_path, state)
+            cio.write_json(run.state_path, state)
             break
-        round_losses.append(losses_i)
-        fbase_ckpt = state["fbase_ckpt"]
-        prev_ckpt = rs["ckpt"]
-        keep = keep_i
-        rounds_info.append(rs["info"])
+        run.round_losses.append(losses_i)
+        run.fbase_ckpt = state["fbase_ckpt"]
+        run.prev_ckpt = rs["ckpt"]
+        run.keep = keep_i
+        run.rounds_info.append(rs["info"])
 
-    truth = truth_by_sid(cfg.io.truth, ident.sids) if cfg.io.truth else None
-    if truth is not None and n_can:
-        truth = (np.r_[truth[0], np.zeros(n_can, bool)], np.r_[truth[1], np.zeros(n_can, bool)])
-    n_poison = int(truth[0].sum()) if truth is not None else 0
 
-    def final_pass(ckpt_dir: str, what: str) -> tuple[dict[str, np.ndarray], Any]:
-        """Score all of D (+ canaries) with the final model while each block's per-shard/per-source partials
-        stream to a fresh aggregator actor; then the within-class 2-D projections of the features.
-        Cached D: the scores and features are materialized once and projected from the object store.
-        Streamed D: one pass yields the scalar columns and the per-class feature moments, a second pass
-        rescores and projects; the features never sit anywhere. Returns ``(columns, agg)``: ``loss, pred,
-        prob, proj_x, proj_y`` in the driver's order, each sample checked to come exactly once."""
-        agg = start_aggregator(C, cfg.aggregate.bins, cfg.aggregate.top_k)
-        sc_ds = score_dataset(d_final, ckpt_dir, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data,
-                              with_features=True, passthrough=("shard", "source"))
-        sc_ds = feed_aggregator(sc_ds, agg, C, cfg.aggregate.bins, cfg.aggregate.top_k, cfg.data.read_cpus)
-        fill = ColumnFiller(index, {"loss": np.float32, "pred": lab_dt, "prob": np.float32})
-        pfill = ColumnFiller(index, {"proj_x": np.float32, "proj_y": np.float32})
-        if cached:
-            held = sc_ds.materialize()
-            collect_scores(held, ("sid", "loss", "pred", "prob"), into=fill)
-            cols_ = fill.finish(what)
-            class_projections(held, C, cfg.data.read_cpus, into=pfill)
-            return {**cols_, **pfill.finish(f"{what} (projections)")}, agg
-        moments = scores_and_moments(sc_ds, C, cfg.data.read_cpus, into=fill)[1]
-        cols_ = fill.finish(what)
-        again = score_dataset(d_final, ckpt_dir, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data,
-                              with_features=True)
-        project_features(again, moments.principal_axes(2), moments.means(), cfg.data.read_cpus, into=pfill)
-        return {**cols_, **pfill.finish(f"{what} (projections)")}, agg
+def _train_set(run: _Run, kept: np.ndarray | None) -> tuple[Any, np.ndarray]:
+    """The round's training input (only D_r reaches the trainers: filtered by sample id before Ray
+    Train's split) and its per-class counts."""
+    from ctray.data.reader import read_shards, select_ids, usable
 
-    def train_set(kept: np.ndarray | None) -> tuple[Any, np.ndarray]:
-        """The round's training input (only D_r reaches the trainers: filtered by sample id before Ray
-        Train's split) and its per-class counts."""
-        if kept is None:
-            return d_usable, np.bincount(labels, minlength=C)
-        counts = np.bincount(labels[index.positions_of_known(kept)], minlength=C)
-        if cached:
-            return select_ids(d_usable, kept, cfg.data.read_cpus), counts
-        # streamed D: a fresh read that decodes only the kept samples (the read tasks skip the rest)
-        d = usable(read_shards(train_paths, spec, n_cls, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict,
-                               keep=kept), num_cpus=cfg.data.read_cpus)
-        if can_usable is not None:
-            d = d.union(select_ids(can_usable, kept, cfg.data.read_cpus))
-        return d, counts
+    cpus = run.cfg.data.read_cpus
+    if kept is None:
+        return run.d_usable, np.bincount(run.labels, minlength=run.C)
+    counts = np.bincount(run.labels[run.index.positions_of_known(kept)], minlength=run.C)
+    if run.cached:
+        return select_ids(run.d_usable, kept, cpus), counts
+    # streamed D: a fresh read that decodes only the kept samples (the read tasks skip the rest)
+    d = usable(read_shards(run.train_paths, run.spec, run.n_cls, num_cpus=cpus, strict=run.cfg.data.strict,
+                           keep=kept), num_cpus=cpus)
+    if run.can_usable is not None:
+        d = d.union(select_ids(run.can_usable, kept, cpus))
+    return d, counts
 
-    def share(n: int, of: int) -> float | None:
-        return n / of if of else None
 
-    final_scores: dict[str, np.ndarray] | None = None
-    agg = None
-    for r in range(len(state["rounds"]), cfg.ct.rounds):
-        t = time.monotonic()
-        ckpt = cio.join(out, "checkpoints", f"round_{r}")
-        # in-round checkpoints only with worker processes: local mode has no worker to lose (ray-notes §4)
-        every = cfg.scale.checkpoint_every if cfg.scale.num_workers > 0 else None
-        assert fbase_ckpt is not None or keep is None  # f_base trains in round 0, on all of D
-        d_train, class_counts = train_set(keep)
-        job = {"cfg": cfg_d, "num_classes": C, "round": r, "train_fbase": fbase_ckpt is None,
-               "fbase_ckpt": fbase_ckpt, "prev_base_ckpt": prev_ckpt, "keep": keep, "ckpt_dir": ckpt,
-               "checkpoint_every": every, "n_total": N, "image_shape": list(spec.shape),
-               "class_counts": class_counts.tolist()}
-        # A failed worker group is restarted up to max_failures times; the loop then continues from the
-        # latest in-round checkpoint (ctray.training.loop). num_to_keep=1: only the latest is ever read.
-        # The two ignores: ray.train.torch rebinds TorchTrainer to the Train V2 class at import (V2 is on by
-        # default), whose loop may return a value (result.return_value); mypy sees only the V1 declaration
-        trainer = TorchTrainer(
-            train_loop_per_worker,  # type: ignore[arg-type]
-            train_loop_config=job, scaling_config=scaling_cfg, dataset_config=train_data_config(),
-            datasets={"train": d_train, "reserve": r_usable},
-            run_config=ray.train.RunConfig(
-                name=f"round-{r}", storage_path=storage,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
-        result = trainer.fit()
-        if not cio.exists(cio.join(ckpt, CONFUSED)):
-            raise RuntimeError(f"round {r}: training wrote no checkpoint to {ckpt}")
-        fit_s = time.monotonic() - t
-        inner = result.return_value or {}  # type: ignore[attr-defined]
-        if inner.get("resumed_from"):
-            log.warning("round %d: Ray Train restarted the training workers after a failure; they resumed from "
-                        "the checkpoint at %s (fit took %.1fs in all)", r + 1, inner["resumed_from"], fit_s)
-        if fbase_ckpt is None:
-            fbase_ckpt = ckpt
-            state["fbase_ckpt"] = ckpt
-        prev_ckpt = ckpt
-        final = r == cfg.ct.rounds - 1
-        # ---- score ALL of D with confused_r
-        t2 = time.monotonic()
-        if final:
-            final_scores, agg = final_pass(ckpt, f"scoring pass of round {r + 1}")
-            losses = final_scores.pop("loss")
-        else:
-            filler = ColumnFiller(index, {"loss": np.float32})
-            collect_scores(score_dataset(d_usable, ckpt, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height,
-                                         cfg.data), ("sid", "loss"), into=filler)
-            losses = filler.finish(f"scoring pass of round {r + 1}")["loss"]
-            del filler
-        round_losses.append(losses)
-        score_s = time.monotonic() - t2
-        info: dict[str, Any] = {"round": r, "train_seconds": round(fit_s, 2), "score_seconds": round(score_s, 2),
-                                "n_train_set": int(inner.get("n_dr", 0)), "phase_seconds": inner.get("times", {}),
-                                "resumed_from": inner.get("resumed_from")}
-        rs = {"ckpt": ckpt, "losses": f"rounds/round_{r}_losses.npz"}
-        save_npz(cio.join(out, rs["losses"]), sid=sids, loss=losses)
-        if not final:
-            keep_n = keep_count(cfg.ct.keep_ratio[r], N)
-            kept_idx = distill(losses, labels, keep_n, cfg.ct.floor_k[r], C)
-            keep = sids[kept_idx]
-            rs["kept"] = f"rounds/round_{r}_kept.npy"
-            save_npy(cio.join(out, rs["kept"]), keep)
-            info["kept"] = int(len(kept_idx))
-            if n_can:
-                info["kept_canaries"] = int((kept_idx >= n_real).sum())
-            if truth is not None:
-                info["kept_poison"] = int(truth[0][kept_idx].sum())
-            log.info("round %d/%d: train %.1fs, score %.1fs, kept %d of %d%s", r + 1, cfg.ct.rounds, fit_s, score_s,
-                     len(kept_idx), N, f" ({info['kept_poison']} poison)" if truth is not None else "")
-        else:
-            info["kept"] = None
-            log.info("round %d/%d (final): train %.1fs, score %.1fs", r + 1, cfg.ct.rounds, fit_s, score_s)
-        rs["info"] = info
-        rounds_info.append(info)
-        state["rounds"].append(rs)
-        cio.write_json(state_path, state)
-        if on_round is not None and not final:
-            on_round({"round": r, "rounds": cfg.ct.rounds, "final": False, "kept": info["kept"],
-                      "kept_canaries": info.get("kept_canaries"),
-                      "canary_kept_share": share(info.get("kept_canaries", 0), n_can),
-                      "poison_kept_share": share(info.get("kept_poison", 0), n_poison)})
+def _final_pass(run: _Run, ckpt_dir: str, what: str) -> tuple[dict[str, np.ndarray], Any]:
+    """Score all of D (+ canaries) with the final model while each block's per-shard/per-source partials
+    stream to a fresh aggregator actor; then the within-class 2-D projections of the features.
+    Cached D: the scores and features are materialized once and projected from the object store.
+    Streamed D: one pass yields the scalar columns and the per-class feature moments, a second pass
+    rescores and projects; the features never sit anywhere. Returns ``(columns, agg)``: ``loss, pred,
+    prob, proj_x, proj_y`` in the driver's order, each sample checked to come exactly once."""
+    from ctray.core.index import ColumnFiller
+    from ctray.engine.aggregate import feed_aggregator, start_aggregator
+    from ctray.engine.score import (
+        class_projections,
+        collect_scores,
+        project_features,
+        score_dataset,
+        scores_and_moments,
+    )
+    from ctray.training.loop import CONFUSED
 
-    if final_scores is None:  # every round was done before: rescore the final model for the decision
-        assert prev_ckpt is not None  # rounds >= 1 (validated) and all were done: the resume loop set it
-        final_scores, agg = final_pass(prev_ckpt, "final rescoring pass")
-        final_scores.pop("loss")
+    cfg, spec, C = run.cfg, run.spec, run.C
+    agg = start_aggregator(C, cfg.aggregate.bins, cfg.aggregate.top_k)
+    sc_ds = score_dataset(run.d_final, ckpt_dir, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data,
+                          with_features=True, passthrough=("shard", "source"))
+    sc_ds = feed_aggregator(sc_ds, agg, C, cfg.aggregate.bins, cfg.aggregate.top_k, cfg.data.read_cpus)
+    fill = ColumnFiller(run.index, {"loss": np.float32, "pred": run.lab_dt, "prob": np.float32})
+    pfill = ColumnFiller(run.index, {"proj_x": np.float32, "proj_y": np.float32})
+    if run.cached:
+        held = sc_ds.materialize()
+        collect_scores(held, ("sid", "loss", "pred", "prob"), into=fill)
+        cols = fill.finish(what)
+        class_projections(held, C, cfg.data.read_cpus, into=pfill)
+        return {**cols, **pfill.finish(f"{what} (projections)")}, agg
+    moments = scores_and_moments(sc_ds, C, cfg.data.read_cpus, into=fill)[1]
+    cols = fill.finish(what)
+    again = score_dataset(run.d_final, ckpt_dir, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data,
+                          with_features=True)
+    project_features(again, moments.principal_axes(2), moments.means(), cfg.data.read_cpus, into=pfill)
+    return {**cols, **pfill.finish(f"{what} (projections)")}, agg
 
-    # ---- decision
-    preds = final_scores["pred"]
-    if cfg.decide.flag_budget > 0:  # Ember variant: flag the lowest-loss fraction of the final model
-        n_flag = int(N * cfg.decide.flag_budget)
-        flagged = np.zeros(N, bool)
-        flagged[np.argsort(round_losses[-1], kind="stable")[:n_flag]] = True
-        lr = np.ones(C)
-        cleansed = np.zeros(C, bool)
+
+def _share(n: int, of: int) -> float | None:
+    return n / of if of else None
+
+
+def _round(run: _Run, r: int, on_round: Callable[[dict[str, Any]], None] | None) -> None:
+    """Round ``r``: one Ray Train fit (f_base with round 0, then pretraining + confusion training) on D_r,
+    a scoring pass over ALL of D, and (before the final round) the distillation of D_{r+1}."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ctray.core.distill import distill, keep_count
+    from ctray.core.index import ColumnFiller
+    from ctray.engine.score import collect_scores, score_dataset
+    from ctray.training.loop import CONFUSED, train_loop_per_worker
+
+    cfg, out, spec, C, N = run.cfg, run.out, run.spec, run.C, run.N
+    t = time.monotonic()
+    ckpt = cio.join(out, "checkpoints", f"round_{r}")
+    # in-round checkpoints only with worker processes: local mode has no worker to lose (ray-notes §4)
+    every = cfg.scale.checkpoint_every if cfg.scale.num_workers > 0 else None
+    assert run.fbase_ckpt is not None or run.keep is None  # f_base trains in round 0, on all of D
+    d_train, class_counts = _train_set(run, run.keep)
+    cfg_d = cfg.to_dict()
+    cfg_d["scale"]["torch_threads"] = run.threads
+    job = {"cfg": cfg_d, "num_classes": C, "round": r, "train_fbase": run.fbase_ckpt is None,
+           "fbase_ckpt": run.fbase_ckpt, "prev_base_ckpt": run.prev_ckpt, "keep": run.keep, "ckpt_dir": ckpt,
+           "checkpoint_every": every, "n_total": N, "image_shape": list(spec.shape),
+           "class_counts": class_counts.tolist()}
+    # A failed worker group is restarted up to max_failures times; the loop then continues from the
+    # latest in-round checkpoint (ctray.training.loop). num_to_keep=1: only the latest is ever read.
+    # The two ignores: ray.train.torch rebinds TorchTrainer to the Train V2 class at import (V2 is on by
+    # default), whose loop may return a value (result.return_value); mypy sees only the V1 declaration
+    trainer = TorchTrainer(
+        train_loop_per_worker,  # type: ignore[arg-type]
+        train_loop_config=job, scaling_config=run.scaling_cfg, dataset_config=train_data_config(),
+        datasets={"train": d_train, "reserve": run.r_usable},
+        run_config=ray.train.RunConfig(
+            name=f"round-{r}", storage_path=run.storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
+    result = trainer.fit()
+    if not cio.exists(cio.join(ckpt, CONFUSED)):
+        raise RuntimeError(f"round {r}: training wrote no checkpoint to {ckpt}")
+    fit_s = time.monotonic() - t
+    inner = result.return_value or {}  # type: ignore[attr-defined]
+    if inner.get("resumed_from"):
+        log.warning("round %d: Ray Train restarted the training workers after a failure; they resumed from "
+                    "the checkpoint at %s (fit took %.1fs in all)", r + 1, inner["resumed_from"], fit_s)
+    if run.fbase_ckpt is None:
+        run.fbase_ckpt = ckpt
+        run.state["fbase_ckpt"] = ckpt
+    run.prev_ckpt = ckpt
+    final = r == cfg.ct.rounds - 1
+    # ---- score ALL of D with confused_r
+    t2 = time.monotonic()
+    if final:
+        run.final_scores, run.agg = _final_pass(run, ckpt, f"scoring pass of round {r + 1}")
+        losses = run.final_scores.pop("loss")
     else:
-        P2 = np.stack([final_scores["proj_x"], final_scores["proj_y"]], 1)  # float32 (N, 2)
-        lr = likelihood_ratios(P2, labels, preds, C)
+        filler = ColumnFiller(run.index, {"loss": np.float32})
+        collect_scores(score_dataset(run.d_usable, ckpt, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height,
+                                     cfg.data), ("sid", "loss"), into=filler)
+        losses = filler.finish(f"scoring pass of round {r + 1}")["loss"]
+        del filler
+    run.round_losses.append(losses)
+    score_s = time.monotonic() - t2
+    info: dict[str, Any] = {"round": r, "train_seconds": round(fit_s, 2), "score_seconds": round(score_s, 2),
+                            "n_train_set": int(inner.get("n_dr", 0)), "phase_seconds": inner.get("times", {}),
+                            "resumed_from": inner.get("resumed_from")}
+    rs: dict[str, Any] = {"ckpt": ckpt, "losses": f"rounds/round_{r}_losses.npz"}
+    save_npz(cio.join(out, rs["losses"]), sid=run.sids, loss=losses)
+    truth = run.truth
+    if not final:
+        kept_idx = distill(losses, run.labels, keep_count(cfg.ct.keep_ratio[r], N), cfg.ct.floor_k[r], C)
+        run.keep = run.sids[kept_idx]
+        rs["kept"] = f"rounds/round_{r}_kept.npy"
+        save_npy(cio.join(out, rs["kept"]), run.keep)
+        info["kept"] = int(len(kept_idx))
+        if run.n_can:
+            info["kept_canaries"] = int((kept_idx >= run.n_real).sum())
+        if truth is not None:
+            info["kept_poison"] = int(truth[0][kept_idx].sum())
+        log.info("round %d/%d: train %.1fs, score %.1fs, kept %d of %d%s", r + 1, cfg.ct.rounds, fit_s, score_s,
+                 len(kept_idx), N, f" ({info['kept_poison']} poison)" if truth is not None else "")
+    else:
+        info["kept"] = None
+        log.info("round %d/%d (final): train %.1fs, score %.1fs", r + 1, cfg.ct.rounds, fit_s, score_s)
+    rs["info"] = info
+    run.rounds_info.append(info)
+    run.state["rounds"].append(rs)
+    cio.write_json(run.state_path, run.state)
+    if on_round is not None and not final:
+        n_poison = int(truth[0].sum()) if truth is not None else 0
+        on_round({"round": r, "rounds": cfg.ct.rounds, "final": False, "kept": info["kept"],
+                  "kept_canaries": info.get("kept_canaries"),
+                  "canary_kept_share": _share(info.get("kept_canaries", 0), run.n_can),
+                  "poison_kept_share": _share(info.get("kept_poison", 0), n_poison)})
+
+
+@dataclass
+class _Outcome:
+    """The final decision over the driver's arrays (canaries included; outputs use the first n_real)."""
+
+    lr: np.ndarray
+    cleansed: np.ndarray
+    flagged: np.ndarray
+    decision: Any
+    canary: dict[str, Any] | None
+
+
+def _decide(run: _Run) -> _Outcome:
+    """Per-class likelihood-ratio test on the final projections (or the Ember flag budget)."""
+    from ctray.core.decide import WEAK_EVIDENCE_NOTE, Decision, decide, flag_samples, likelihood_ratios
+
+    cfg, C, N, n = run.cfg, run.C, run.N, run.n_real
+    assert run.final_scores is not None
+    preds = run.final_scores["pred"]
+    if cfg.decide.flag_budget > 0:  # Ember variant: flag the lowest-loss fraction of the final model
+        flagged = np.zeros(N, bool)
+        flagged[np.argsort(run.round_losses[-1], kind="stable")[:int(N * cfg.decide.flag_budget)]] = True
+        lr, cleansed = np.ones(C), np.zeros(C, bool)
+    else:
+        P2 = np.stack([run.final_scores["proj_x"], run.final_scores["proj_y"]], 1)  # float32 (N, 2)
+        lr = likelihood_ratios(P2, run.labels, preds, C)
         del P2
         cleansed = decide(lr, cfg.decide.threshold_max, cfg.decide.threshold_any)
-        flagged = flag_samples(labels, preds, cleansed)
-    n = n_real  # user-facing outputs: real samples only (canaries are the last n_can entries)
-    dec = Decision.from_outcome(lr, cleansed, flagged[:n], labels[:n], preds[:n], cfg.decide.threshold_max,
+        flagged = flag_samples(run.labels, preds, cleansed)
+    dec = Decision.from_outcome(lr, cleansed, flagged[:n], run.labels[:n], preds[:n], cfg.decide.threshold_max,
                                 cfg.decide.threshold_any, cfg.decide.weak_lr)
-    weak = dec.weak
-    score = final_scores["prob"]  # float32: the confused model's probability of the given label
     log.info("decision: cleansed classes %s, flagged %d of %d", np.flatnonzero(cleansed).tolist(),
              int(flagged[:n].sum()), n)
-    for c in np.flatnonzero(weak):
+    for c in np.flatnonzero(dec.weak):
         log.warning("class %d cleansed on weak evidence: likelihood ratio %.3g < decide.weak_lr %g; %s (report.html)",
                     c, lr[c], cfg.decide.weak_lr, WEAK_EVIDENCE_NOTE)
-    canary_info = None
-    if cplan is not None:
-        canary_info = {"count": n_can, "target": cplan.target, "rate": cfg.canary.rate,
-                       "flagged": int(flagged[n:].sum()), "recall": float(flagged[n:].mean()),
-                       "outside_flag_rate": float(flagged[:n].mean()),
-                       "kept_per_round": [ri.get("kept_canaries") for ri in rounds_info]}
-        log.info("canaries: %d of %d flagged (recall %.3f); flag rate outside them %.4f", canary_info["flagged"],
-                 n_can, canary_info["recall"], canary_info["outside_flag_rate"])
+    canary = None
+    if run.cplan is not None:
+        canary = {"count": run.n_can, "target": run.cplan.target, "rate": cfg.canary.rate,
+                  "flagged": int(flagged[n:].sum()), "recall": float(flagged[n:].mean()),
+                  "outside_flag_rate": float(flagged[:n].mean()),
+                  "kept_per_round": [ri.get("kept_canaries") for ri in run.rounds_info]}
+        log.info("canaries: %d of %d flagged (recall %.3f); flag rate outside them %.4f", canary["flagged"],
+                 run.n_can, canary["recall"], canary["outside_flag_rate"])
+    return _Outcome(lr, cleansed, flagged, dec, canary)
 
-    # ---- outputs: per-sample columns in the driver's order (real samples first); scores.parquet is written
-    # by streaming the identity store, so the identity strings are never all in memory
+
+def _write_outputs(run: _Run, o: _Outcome, on_round: Callable[[dict[str, Any]], None] | None) -> DetectResult:
+    """scores.parquet (streamed from the identity store, so the identity strings are never all in
+    memory), quarantine, shard/source tables, decisions, rounds, metrics, run.json, the report."""
+    import ray
+
     from ctray.core.metrics import detection_metrics
+    from ctray.core.shardstats import GroupStats
+    from ctray.engine.aggregate import flagged_by_group, write_group_tables
+    from ctray.engine.identity import write_scores
+    from ctray.training.loop import FBASE
 
-    cols: dict[str, Any] = {"label": labels, "score": score, "flagged": flagged, "pred": preds}
-    for i, rl in enumerate(round_losses):
+    cfg, out, C, N, n, ident = run.cfg, run.out, run.C, run.N, run.n_real, run.ident
+    assert run.final_scores is not None
+    fs, flagged, truth, secs = run.final_scores, o.flagged, run.truth, run.secs
+    score = fs["prob"]  # float32: the confused model's probability of the given label
+    cols: dict[str, Any] = {"label": run.labels, "score": score, "flagged": flagged, "pred": fs["pred"]}
+    for i, rl in enumerate(run.round_losses):
         cols[f"round_loss_{i}"] = rl.astype(np.float32, copy=False)
-    cols["proj_x"], cols["proj_y"] = final_scores["proj_x"], final_scores["proj_y"]
+    cols["proj_x"], cols["proj_y"] = fs["proj_x"], fs["proj_y"]
     metrics: dict[str, Any] | None = None
     if truth is not None:
         cols["truth_poison"], cols["truth_cover"] = truth[0], truth[1]
-        metrics = {"ct": detection_metrics(flagged[:n], truth[0][:n], score[:n])}
-        rounds_poison = [ri.get("kept_poison") for ri in rounds_info]
-        metrics["rounds_kept_poison"] = rounds_poison
-    # ---- optional extra column: activation statistics of f_base (BadActs transfer; ctray.engine.defenses)
+        metrics = {"ct": detection_metrics(flagged[:n], truth[0][:n], score[:n]),
+                   "rounds_kept_poison": [ri.get("kept_poison") for ri in run.rounds_info]}
+    # ---- optional extra column: activation statistics of f_base (BadActs transfer; ctray.engine.activations)
     if cfg.act.in_detect:
         from ctray.data.shards import sample_ids
         from ctray.engine.activations import activation_scores
 
         t_act = time.monotonic()
-        act = activation_scores(cio.join(state["fbase_ckpt"], FBASE), train_paths, clean_paths, cfg)
+        act = activation_scores(cio.join(run.state["fbase_ckpt"], FBASE), run.train_paths, run.clean_paths, cfg)
         a_sid = sample_ids(act.shard.tolist(), act.key.tolist())
         s_act, f_act = np.full(N, np.nan), np.zeros(N, bool)
-        s_act[:n] = _by_sid(a_sid, act.score, sids[:n], np.nan)
-        f_act[:n] = _by_sid(a_sid, act.flagged, sids[:n], False)
+        s_act[:n] = _by_sid(a_sid, act.score, run.sids[:n], np.nan)
+        f_act[:n] = _by_sid(a_sid, act.flagged, run.sids[:n], False)
         cols["score_act"], cols["flagged_act"] = s_act, f_act
         secs["act"] = time.monotonic() - t_act
-        if metrics is not None:
-            metrics["act"] = {**detection_metrics(f_act[:n], truth[0][:n], s_act[:n]),  # type: ignore[index]
-                              "threshold": act.threshold}
+        if metrics is not None and truth is not None:
+            metrics["act"] = {**detection_metrics(f_act[:n], truth[0][:n], s_act[:n]), "threshold": act.threshold}
     bad = ident.bad.sort_by([("shard", "ascending"), ("key", "ascending")])
     cio.write_parquet(cio.join(out, "quarantine.parquet"), bad.select(["shard", "key", "reason", "level"]))
     # ---- per-shard / per-source tables from the aggregator (+ the read's quarantine counts)
-    assert agg is not None  # final_pass ran: in the last round or in the rescoring above
-    by_shard, by_source, agg_info = ray.get(agg.result.remote())
-    ray.kill(agg)
+    assert run.agg is not None  # the final pass ran: in the last round or in the rescoring
+    by_shard, by_source, agg_info = ray.get(run.agg.result.remote())
+    ray.kill(run.agg)
     k_ = (C, cfg.aggregate.bins, cfg.aggregate.top_k)
     b_level = np.asarray(bad.column("level").to_pylist(), dtype=object)
     b_quar, b_fail = b_level == "sample", b_level != "sample"
@@ -462,40 +566,41 @@ def _detect_locked(cfg: Config, on_round: Callable[[dict[str, Any]], None] | Non
     by_source = by_source.merge(read_counts(ident.sources, b_sources, np.array([x != "" for x in b_sources], bool)))
     top_ids = np.unique(np.concatenate([by_shard.top_id, by_source.top_id]))
     fl = np.flatnonzero(flagged[:n])
-    names = write_scores(cio.join(out, "scores.parquet"), ident.store, index, cols, n,
-                         np.concatenate([sids[fl], top_ids]))
+    names = write_scores(cio.join(out, "scores.parquet"), ident.store, run.index, cols, n,
+                         np.concatenate([run.sids[fl], top_ids]))
     if cfg.decide.flag_budget > 0:
-        fl_names = [names[int(x)] for x in sids[fl]]
+        fl_names = [names[int(x)] for x in run.sids[fl]]
         shard_fl = flagged_by_group(by_shard, np.array([x[0] for x in fl_names], dtype=str), np.ones(len(fl), bool))
         src = np.array([x[2] for x in fl_names], dtype=str)
         source_fl = flagged_by_group(by_source, src[src != ""], np.ones(int((src != "").sum()), bool))
     else:
-        shard_fl, source_fl = by_shard.flagged(cleansed), by_source.flagged(cleansed)
+        shard_fl, source_fl = by_shard.flagged(o.cleansed), by_source.flagged(o.cleansed)
     agg_info["consistent"] = bool(int(by_shard.usable.sum()) == n and int(shard_fl.sum()) == int(flagged[:n].sum()))
     if not agg_info["consistent"]:
         log.error("shard aggregation disagrees with the per-sample results (usable %d vs %d, flagged %d vs %d)",
                   int(by_shard.usable.sum()), n, int(shard_fl.sum()), int(flagged[:n].sum()))
     key_of = {int(t): names[int(t)][:2] for t in top_ids if int(t) in names}
     agg_info.update(write_group_tables(out, by_shard, by_source, shard_fl, source_fl, cfg.aggregate.alpha, key_of))
-    cio.write_json(cio.join(out, "decisions.json"), dec.to_json())
-    if canary_info is not None:
-        cio.write_json(cio.join(out, "canary.json"), canary_info)
+    cio.write_json(cio.join(out, "decisions.json"), o.decision.to_json())
+    if o.canary is not None:
+        cio.write_json(cio.join(out, "canary.json"), o.canary)
     cio.write_json(cio.join(out, "rounds.json"), [
         {"round": ri["round"], "kept": ri.get("kept"), "kept_poison": ri.get("kept_poison"),
-         "seconds": ri["train_seconds"] + ri["score_seconds"], **ri} for ri in rounds_info])
-    secs["total"] = time.time() - t_start
-    secs["rounds"] = sum(ri["train_seconds"] + ri["score_seconds"] for ri in rounds_info)
+         "seconds": ri["train_seconds"] + ri["score_seconds"], **ri} for ri in run.rounds_info])
+    secs["total"] = time.time() - run.t_start
+    secs["rounds"] = sum(ri["train_seconds"] + ri["score_seconds"] for ri in run.rounds_info)
     if metrics is not None:
         metrics["seconds"] = secs
         cio.write_json(cio.join(out, "metrics.json"), metrics)
     cio.write_bytes(cio.join(out, "config.yaml"), cfg.to_yaml().encode())
+    counts = {"read": ident.n_read, "usable": n, "quarantined": ident.n_quarantined,
+              "shard_failures": ident.n_shard_failures, "converted": ident.n_converted,
+              "flagged": int(flagged[:n].sum()), "canaries": run.n_can}
     cio.write_json(cio.join(out, "run.json"), {
-        "version": __version__, "started": t_start, "finished": time.time(), "train": train_paths,
-        "clean": clean_paths, "preset": cfg.preset, "num_classes": C, "image_shape": list(spec.shape),
-        "seconds": secs, "aggregate": agg_info, "max_member_bytes": spec.max_member_bytes, "driver_peak_rss_bytes": _peak_rss(), "counts": {"read": n_read, "usable": n, "quarantined": n_quar,
-                                    "shard_failures": ident.n_shard_failures,
-                                    "converted": ident.n_converted,
-                                    "flagged": int(flagged[:n].sum()), "canaries": n_can}})
+        "version": __version__, "started": run.t_start, "finished": time.time(), "train": run.train_paths,
+        "clean": run.clean_paths, "preset": cfg.preset, "num_classes": C, "image_shape": list(run.spec.shape),
+        "seconds": secs, "aggregate": agg_info, "max_member_bytes": run.spec.max_member_bytes,
+        "driver_peak_rss_bytes": _peak_rss(), "counts": counts})
     try:
         from ctray.report import write_report
 
@@ -507,12 +612,13 @@ def _detect_locked(cfg: Config, on_round: Callable[[dict[str, Any]], None] | Non
         on_round({"round": cfg.ct.rounds - 1, "rounds": cfg.ct.rounds, "final": True, "kept": None,
                   "kept_canaries": None, "canary_kept_share": None, "poison_kept_share": None,
                   "n_flagged": int(len(fl)), "flag_rate": float(len(fl) / n),
-                  "canary_recall": canary_info["recall"] if canary_info else None,
-                  "cleansed": np.flatnonzero(cleansed).tolist(), "metrics": metrics["ct"] if metrics else None})
-    return DetectResult(run_dir=out, n_read=n_read, n_usable=n, n_quarantined=n_quar, n_flagged=int(len(fl)),
-                        flagged_keys=[names[int(x)][:2] for x in sids[fl]],
-                        cleansed_classes=np.flatnonzero(cleansed).tolist(), weak_classes=np.flatnonzero(weak).tolist(), metrics=metrics, seconds=secs,
-                        canary=canary_info)
+                  "canary_recall": o.canary["recall"] if o.canary else None,
+                  "cleansed": np.flatnonzero(o.cleansed).tolist(), "metrics": metrics["ct"] if metrics else None})
+    return DetectResult(run_dir=out, n_read=ident.n_read, n_usable=n, n_quarantined=ident.n_quarantined,
+                        n_flagged=int(len(fl)), flagged_keys=[names[int(x)][:2] for x in run.sids[fl]],
+                        cleansed_classes=np.flatnonzero(o.cleansed).tolist(),
+                        weak_classes=np.flatnonzero(o.decision.weak).tolist(), metrics=metrics, seconds=secs,
+                        canary=o.canary)
 
 
 def _by_sid(src_sids: np.ndarray, values: np.ndarray, sids: np.ndarray, fill: Any) -> np.ndarray:
