@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from ctray.config import Config, auto_preset, list_presets, load_config, parse_overrides
@@ -56,7 +54,7 @@ def test_reference_preset_keeps_the_published_bcu():
 
 def test_defenses_follow_the_models_augmentation_except_in_the_reference_preset():
     """augment=auto (ctray's) resolves per checkpoint; the faithful preset keeps the reference's crop-flip.
-    repair.kd is off everywhere: it only helps together with repair.unlearn (docs/recipes/)."""
+    repair.kd is off everywhere: it only helps together with repair.unlearn (the defend-resnet18-narrow preset)."""
     for name in ("small", "smoke"):
         c = load_config(name)
         assert (c.repair.augment, c.cleanse.augment, c.repair.kd) == ("auto", "auto", 0.0)
@@ -65,11 +63,11 @@ def test_defenses_follow_the_models_augmentation_except_in_the_reference_preset(
 
 
 def test_documented_defense_recipe_layers_on_small_and_validates():
-    """docs/recipes/defend-resnet18-narrow.yaml is the measured repair recipe the README quotes: it must load
-    through --config on top of `small` and keep the figures' settings."""
-    path = os.path.join(os.path.dirname(__file__), "..", "docs", "recipes", "defend-resnet18-narrow.yaml")
-    c = load_config(config_file=path)
-    assert c.preset == "small"
+    """The preset defend-resnet18-narrow is the measured repair/cleanse recipe the docs quote: it must
+    extend `small` and keep the figures' settings."""
+    c = load_config("defend-resnet18-narrow")
+    c.validate()
+    assert c.ct == load_config("small").ct and c.base == load_config("small").base
     r = c.repair
     assert (r.lr, r.steps, r.lam_param, r.unlearn, r.unlearn_every, r.kd, r.augment) == (0.02, 600, 470, 1, 100, 1,
                                                                                           "auto")

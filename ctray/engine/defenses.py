@@ -145,7 +145,7 @@ def repair_model(cfg: Config, model_path: str, clean: Sequence[str], out: str) -
     if cfg.repair.kd > 0 and cfg.repair.unlearn <= 0:
         log.warning("repair.kd=%g without repair.unlearn: the distillation anchors the model to the pivot, so PT's "
                     "drift removes little of the backdoor (measured: ASR 0.97 against 0.24-0.42 on a small CNN). "
-                    "Use it with repair.unlearn > 0 (docs/recipes/defend-resnet18-narrow.yaml)", cfg.repair.kd)
+                    "Use it with repair.unlearn > 0 (the defend-resnet18-narrow preset)", cfg.repair.kd)
     return _finetune_unlearning(cfg, "repair", model_path, clean, out)
 
 
