@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "report.html"
 PLOTS_DIR = "plots"
 TOP_K = 24
+#: Above this many rows, scores.parquet is streamed: the summary's counts are exact, the plots use a seeded
+#: uniform sample of about this many rows plus the top-scored rows (report memory does not grow with N).
+MAX_ROWS = 1_000_000
 MAX_SHARD_BARS = 30
 MAX_QUARANTINE_ROWS = 50
 MAX_CLASS_ROWS = 40
@@ -64,7 +67,7 @@ def write_report(run_dir: str, top_k: int = TOP_K) -> str:
     run = _read_required_json(os.path.join(run_dir, "run.json"))
     scores_path = os.path.join(run_dir, "scores.parquet")
     try:
-        scores = pd.read_parquet(scores_path)
+        scores, totals = _load_scores(scores_path, top_k)
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read {scores_path}: {e}") from e
     for col in ("shard", "key", "label", "score", "flagged"):
@@ -75,7 +78,7 @@ def write_report(run_dir: str, top_k: int = TOP_K) -> str:
     os.makedirs(plots_dir, exist_ok=True)
     page = _Page(plots_dir)
     data = _RunData(
-        run_dir=run_dir, run=run, scores=scores,
+        run_dir=run_dir, run=run, scores=scores, totals=totals,
         decisions=_read_optional_json(os.path.join(run_dir, "decisions.json")),
         rounds=_read_optional_json(os.path.join(run_dir, "rounds.json")),
         metrics=_read_optional_json(os.path.join(run_dir, "metrics.json")),
@@ -126,6 +129,8 @@ class _RunData:
     shards: _Optional
     quarantine: _Optional
     sources: _Optional = field(default_factory=lambda: _Optional(None, "sources.parquet is missing"))
+    # exact counts when ``scores`` is a sample of a large table (see _load_scores); None when it is whole
+    totals: dict[str, Any] | None = None
 
     @property
     def has_truth(self) -> bool:
@@ -140,6 +145,45 @@ class _RunData:
                  if "truth_cover" in self.scores.columns else np.zeros_like(poison))
         cover = cover & ~poison
         return {"poison": poison, "cover": cover, "clean": ~(poison | cover)}
+
+
+def _load_scores(path: str, top_k: int, max_rows: int | None = None) -> tuple[pd.DataFrame, dict[str, Any] | None]:
+    """``scores.parquet`` whole when it has at most ``max_rows`` (:data:`MAX_ROWS`) rows; otherwise one
+    streaming pass keeps exact totals (rows, flagged, flagged per class), a seeded uniform sample of about
+    ``max_rows`` rows and the ``top_k`` highest-scored rows, and returns ``(sample, totals)``."""
+    import pyarrow.parquet as pq
+
+    max_rows = MAX_ROWS if max_rows is None else max_rows
+    pf = pq.ParquetFile(path)
+    n = pf.metadata.num_rows
+    if n <= max_rows:
+        return pf.read().to_pandas(), None
+    rng = np.random.default_rng(0)
+    frac = max_rows / n
+    parts: list[pd.DataFrame] = []
+    top: pd.DataFrame | None = None
+    flagged = 0
+    by_class: dict[int, int] = {}
+    truth = {"poison": 0, "cover": 0, "tp": 0}
+    for b in pf.iter_batches(batch_size=65536):
+        df = b.to_pandas()
+        fl = df["flagged"].fillna(False).to_numpy(dtype=bool)
+        flagged += int(fl.sum())
+        if "truth_poison" in df.columns:
+            po = df["truth_poison"].fillna(False).to_numpy(dtype=bool)
+            co = df["truth_cover"].fillna(False).to_numpy(dtype=bool) if "truth_cover" in df.columns else po & False
+            truth["poison"] += int(po.sum())
+            truth["cover"] += int((co & ~po).sum())
+            truth["tp"] += int((fl & po).sum())
+        for c, k in zip(*np.unique(df["label"].to_numpy()[fl], return_counts=True), strict=True):
+            by_class[int(c)] = by_class.get(int(c), 0) + int(k)
+        parts.append(df[rng.random(len(df)) < frac])
+        cand = df.nlargest(max(top_k, 1), "score")
+        top = cand if top is None else pd.concat([top, cand]).nlargest(max(top_k, 1), "score")
+    sample = pd.concat([*parts, *([top] if top is not None else [])]).drop_duplicates(["shard", "key"])
+    log.info("report: %d rows in scores.parquet; plots from a uniform sample of %d (report.MAX_ROWS)", n, len(sample))
+    return sample.reset_index(drop=True), {"rows": n, "flagged": flagged, "flagged_by_class": by_class,
+                                           "sample": len(sample), **truth}
 
 
 def _read_required_json(path: str) -> dict[str, Any]:
@@ -333,9 +377,16 @@ footer{margin-top:30px;color:#888;font-size:12px;border-top:1px solid #eee;paddi
 
 def _section_summary(page: _Page, d: _RunData) -> None:
     run, s = d.run, d.scores
-    n = len(s)
+    n = len(s) if d.totals is None else int(d.totals["rows"])
     flagged = s["flagged"].fillna(False).to_numpy(dtype=bool)
     labels = s["label"].to_numpy()
+    if d.totals is None:
+        n_flagged = int(flagged.sum())
+        cls, cnt = np.unique(labels[flagged], return_counts=True)
+    else:  # a sample of a large table: the counts come from the streaming pass
+        n_flagged = int(d.totals["flagged"])
+        cls = np.array(sorted(d.totals["flagged_by_class"]), dtype=np.int64)
+        cnt = np.array([d.totals["flagged_by_class"][int(c)] for c in cls], dtype=np.int64)
     rows: list[tuple[str, str]] = []
     shape = run.get("image_shape")
     rows.append(("image shape (H, W, C)", _e(" x ".join(str(x) for x in shape)) if shape else "&ndash;"))
@@ -351,10 +402,12 @@ def _section_summary(page: _Page, d: _RunData) -> None:
         rows.append(("quarantined", _fmt(len(q))))
     elif shards is not None and "quarantined" in shards.columns:
         rows.append(("quarantined", _fmt(int(shards["quarantined"].sum()))))
-    rate = flagged.mean() if n else float("nan")
-    rows.append(("flagged", f"{_fmt(int(flagged.sum()))} ({100 * rate:.2f}%)" if n else "0"))
-    if flagged.any():
-        cls, cnt = np.unique(labels[flagged], return_counts=True)
+    rate = n_flagged / n if n else float("nan")
+    rows.append(("flagged", f"{_fmt(n_flagged)} ({100 * rate:.2f}%)" if n else "0"))
+    if d.totals is not None:
+        rows.append(("plots", f"from a uniform sample of {_fmt(int(d.totals['sample']))} of {_fmt(n)} samples "
+                              "(and the top-scored ones); counts above are exact"))
+    if n_flagged:
         order = np.argsort(-cnt, kind="stable")
         txt = ", ".join(f"{int(cls[i])}: {int(cnt[i]):,}" for i in order[:20])
         rows.append(("flagged by class", txt + (f", ... ({len(cls) - 20} more classes)" if len(cls) > 20 else "")))
@@ -371,10 +424,12 @@ def _section_summary(page: _Page, d: _RunData) -> None:
                          + _e(WEAK_EVIDENCE_NOTE) + "."))
     groups = d.truth_groups()
     if groups is not None:
-        npois = int(groups["poison"].sum())
-        rows.append(("ground truth: poison / cover", f"{npois:,} / {int(groups['cover'].sum()):,}"))
-        rows.append(("flagged poison (true positives)",
-                     f"{int((flagged & groups['poison']).sum()):,} of {npois:,}"))
+        t = d.totals
+        npois = int(groups["poison"].sum()) if t is None else int(t["poison"])
+        ncov = int(groups["cover"].sum()) if t is None else int(t["cover"])
+        tp = int((flagged & groups["poison"]).sum()) if t is None else int(t["tp"])
+        rows.append(("ground truth: poison / cover", f"{npois:,} / {ncov:,}"))
+        rows.append(("flagged poison (true positives)", f"{tp:,} of {npois:,}"))
     body = ['<div class="grid"><div><h3>Counts</h3>', _kv_table(rows), "</div>"]
 
     secs = run.get("seconds") or {}

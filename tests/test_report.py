@@ -162,3 +162,23 @@ def test_huge_likelihood_ratio_still_plots(tmp_path) -> None:
     (run_dir / "decisions.json").write_text(json.dumps(dec))
     page = open(write_report(str(run_dir)), encoding="utf-8").read()
     assert "<h2>" in page and os.path.exists(run_dir / "plots" / "class_likelihood_ratios.png")
+
+
+def test_large_scores_table_is_sampled_with_exact_counts(tmp_path, monkeypatch) -> None:
+    """Above report.MAX_ROWS rows the report streams scores.parquet: exact counts, plots from a sample,
+    and the true top-scored sample still shown."""
+    import pandas as pd
+
+    import ctray.report as rep
+
+    run_dir, top_key = _make_run(tmp_path, n_per_shard=200)
+    full = pd.read_parquet(run_dir / "scores.parquet")
+    monkeypatch.setattr(rep, "MAX_ROWS", len(full) // 4)
+    page = open(write_report(str(run_dir), top_k=4), encoding="utf-8").read()
+    assert "from a uniform sample of" in page and f"of {len(full):,} samples" in page
+    n_fl = int(full["flagged"].sum())
+    assert f"{n_fl:,} ({100 * n_fl / len(full):.2f}%)" in page  # exact, not the sample's
+    npois = int(full["truth_poison"].sum())
+    tp = int((full["flagged"] & full["truth_poison"]).sum())
+    assert f"{tp:,} of {npois:,}" in page
+    assert "odd&lt;key&gt;&amp;1" in page  # the top-scored key is always kept
