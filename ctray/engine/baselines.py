@@ -6,7 +6,8 @@ CT run's ``checkpoints/round_0/fbase.pt``) over them in ``map_batches`` actors a
 per-sample arrays to the NumPy core (:mod:`ctray.core.baselines`):
 
 - Features (SS, AC, SCAn): one scoring pass over D emits penultimate features, which stay in the object
-  store (``materialize``); a streaming pass folds them into per-class :class:`~ctray.core.pca.FeatureMoments`
+  store (``materialize``) when D fits ``data.cache_bytes`` (else each of the two passes re-reads and
+  re-scores D); a streaming pass folds them into per-class :class:`~ctray.core.pca.FeatureMoments`
   (C x D x D float64 per batch reaches the driver); a second pass projects each sample on its own
   class's top ``bench.ac_dims`` axes (SS uses the first, AC all of them) and on the top
   ``bench.scan_dim`` axes of all of D's features (SCAn). What reaches the driver per sample:
@@ -153,9 +154,10 @@ def run_baselines(cfg: Config, fbase: str, methods: Sequence[str], *, poison_rat
     """
     import ray
 
+    from ctray.core.budget import fits
     from ctray.data.reader import read_shards, usable
     from ctray.engine.cluster import ensure_ray
-    from ctray.engine.ground import resolve_inputs
+    from ctray.engine.ground import cache_budget, estimate_samples, resolve_inputs
     from ctray.engine.score import collect_scores, feature_moments, score_dataset
     from ctray.models.checkpoint import read_checkpoint
 
@@ -179,7 +181,12 @@ def run_baselines(cfg: Config, fbase: str, methods: Sequence[str], *, poison_rat
     ckdir, ckname = os.path.dirname(fbase) or ".", os.path.basename(fbase)
     model_args = (ckdir, ckname, ms["arch"], int(ms["in_channels"]), C, int(ms["image_size"]))
 
-    ds = read_shards(train_paths, spec, n_cls or C, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict).materialize()
+    # the memory model of detect (data.cache_bytes): D and its features are held in the object store only
+    # when they fit; otherwise each pass re-reads the shards (and re-scores them for the features)
+    cached = fits(2 * estimate_samples(train_paths), spec.shape, cache_budget(cfg))
+    ds = read_shards(train_paths, spec, n_cls or C, num_cpus=cfg.data.read_cpus, strict=cfg.data.strict)
+    if cached:
+        ds = ds.materialize()
     ident = collect_scores(ds, ("shard", "key", "sid", "label", "ok"))
     ok = ident["ok"].astype(bool)
     if not ok.any():
@@ -215,7 +222,9 @@ def run_baselines(cfg: Config, fbase: str, methods: Sequence[str], *, poison_rat
         from ctray.core.pca import FeatureMoments
 
         t = time.monotonic()
-        feats = score_dataset(d_use, *model_args, dcfg, with_features=True).materialize()
+        feats = score_dataset(d_use, *model_args, dcfg, with_features=True)
+        if cached:
+            feats = feats.materialize()
         moments = feature_moments(feats, C, cfg.data.read_cpus)
         dim = moments.dim
         k_cls = min(b.ac_dims, dim) if "ac" in methods else 1
