@@ -37,7 +37,8 @@ def _scores(score: np.ndarray, n: int) -> np.ndarray:
     if s.size and not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer)
                        or s.dtype == np.bool_):
         raise DataError(f"score must be real numbers, got dtype {s.dtype}")
-    s = s.astype(np.float64, copy=False)
+    if not np.issubdtype(s.dtype, np.floating):  # float32 scores stay float32 (no N-sized copy)
+        s = s.astype(np.float64)
     if np.isnan(s).any():
         raise DataError(f"score holds {int(np.isnan(s).sum())} NaN values")
     return s
@@ -85,14 +86,19 @@ def average_precision(poison: np.ndarray, score: np.ndarray) -> float | None:
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.size:
         return None
-    order = np.argsort(-s, kind="stable")
-    s_sorted, y_sorted = s[order], y[order]
-    last_of_tie = np.flatnonzero(np.diff(s_sorted))  # last index before each score change
-    thresholds = np.append(last_of_tie, y.size - 1)
-    tps = np.cumsum(y_sorted)[thresholds].astype(np.float64)
-    precision = tps / (thresholds + 1.0)
-    recall = tps / n_pos
-    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+    # descending score order; the order within a tie does not matter (only each tie's last index is used),
+    # so a reversed ascending sort serves and no negated copy of the scores is made
+    order = np.argsort(s, kind="stable")[::-1]
+    s_sorted = s[order]
+    y_cum = np.cumsum(y[order], dtype=np.int64)
+    del order
+    thresholds = np.append(np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), y.size - 1)  # last index of each tie
+    del s_sorted
+    tps = y_cum[thresholds].astype(np.float64)
+    del y_cum
+    # AP = sum over thresholds of (recall step) x precision; recall steps are non-zero only where tps grows
+    step = np.flatnonzero(np.diff(tps, prepend=0.0))
+    return float(np.sum((np.diff(tps, prepend=0.0)[step] / n_pos) * (tps[step] / (thresholds[step] + 1.0))))
 
 
 def detection_metrics(flagged: np.ndarray, poison: np.ndarray, score: np.ndarray | None = None) -> dict[str, Any]:

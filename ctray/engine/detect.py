@@ -118,6 +118,14 @@ class _Run:
     agg: Any = None
     scaling_cfg: Any = None  # Ray Train's ScalingConfig and the torch threads per worker (cluster.scaling)
     threads: int = 1
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)  # driver memory after each phase (MB)
+
+    def mark(self, phase: str) -> None:
+        """Record this process's resident memory after ``phase`` (run.json ``driver_memory_mb``)."""
+        m = _process_memory()
+        if m:
+            self.memory[phase] = m
+            log.debug("driver memory after %s: %s", phase, m)
 
     @property
     def N(self) -> int:  # noqa: N802 - the paper's name for |D|
@@ -143,16 +151,21 @@ def _detect_locked(cfg: Config, on_round: Callable[[dict[str, Any]], None] | Non
     train_paths, clean_paths, spec, n_cls = inputs
     run = _Run(cfg, out, t_start, train_paths, clean_paths, spec, n_cls, _load_state(cfg, out, train_paths, clean_paths))
     ensure_ray(cfg)
+    run.mark("start")
     _read(run)
+    run.mark("read")
     run.scaling_cfg, run.threads = scaling(cfg)
     _resume(run)
     for r in range(len(run.state["rounds"]), cfg.ct.rounds):
         _round(run, r, on_round)
+        run.mark(f"round {r + 1}")
     if run.final_scores is None:  # every round was done before: rescore the final model for the decision
         assert run.prev_ckpt is not None  # rounds >= 1 (validated) and all were done: the resume loop set it
         run.final_scores, run.agg = _final_pass(run, run.prev_ckpt, "final rescoring pass")
         run.final_scores.pop("loss")
-    return _write_outputs(run, _decide(run), on_round)
+    outcome = _decide(run)
+    run.mark("decide")
+    return _write_outputs(run, outcome, on_round)
 
 
 def _load_state(cfg: Config, out: str, train_paths: list[str], clean_paths: list[str]) -> dict[str, Any]:
@@ -593,6 +606,7 @@ def _write_outputs(run: _Run, o: _Outcome, on_round: Callable[[dict[str, Any]], 
         metrics["seconds"] = secs
         cio.write_json(cio.join(out, "metrics.json"), metrics)
     cio.write_bytes(cio.join(out, "config.yaml"), cfg.to_yaml().encode())
+    run.mark("outputs")
     counts = {"read": ident.n_read, "usable": n, "quarantined": ident.n_quarantined,
               "shard_failures": ident.n_shard_failures, "converted": ident.n_converted,
               "flagged": int(flagged[:n].sum()), "canaries": run.n_can}
@@ -600,7 +614,7 @@ def _write_outputs(run: _Run, o: _Outcome, on_round: Callable[[dict[str, Any]], 
         "version": __version__, "started": run.t_start, "finished": time.time(), "train": run.train_paths,
         "clean": run.clean_paths, "preset": cfg.preset, "num_classes": C, "image_shape": list(run.spec.shape),
         "seconds": secs, "aggregate": agg_info, "max_member_bytes": run.spec.max_member_bytes,
-        "driver_peak_rss_bytes": _peak_rss(), "counts": counts})
+        "driver_peak_rss_bytes": _peak_rss(), "driver_memory_mb": run.memory, "counts": counts})
     try:
         from ctray.report import write_report
 
@@ -654,6 +668,17 @@ def _discard_rounds(out: str, storage: str, rounds: range) -> None:
             fs, p = cio._fs(d)
             if fs.get_file_info(p).type == pafs.FileType.Directory:
                 fs.delete_dir(p)
+
+
+def _process_memory() -> dict[str, float]:
+    """``{"rss": MB, "anon": MB}`` of this process from /proc/self/status (Linux); {} elsewhere. ``anon`` is
+    the private part: VmRSS also counts the object store's shared pages a reader maps."""
+    try:
+        with open("/proc/self/status") as f:
+            kv = dict(line.split(":", 1) for line in f if ":" in line)
+        return {"rss": round(int(kv["VmRSS"].split()[0]) / 1024, 1), "anon": round(int(kv["RssAnon"].split()[0]) / 1024, 1)}
+    except (OSError, KeyError, ValueError):
+        return {}
 
 
 def _peak_rss() -> int | None:
