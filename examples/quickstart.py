@@ -15,6 +15,7 @@ import argparse
 import os
 
 import ctray
+from ctray.config import parse_overrides
 
 
 def main() -> None:
@@ -22,11 +23,13 @@ def main() -> None:
     p.add_argument("data")
     p.add_argument("out")
     p.add_argument("--preset", default=None, help="default: chosen from the data (ctray presets)")
-    args = p.parse_args()
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config fields, as on the CLI")
+    args = p.parse_intermixed_args()
 
     truth = os.path.join(args.data, "truth.parquet")
     res = ctray.detect(f"{args.data}/train-*.tar", f"{args.data}/clean-*.tar", f"{args.out}/run",
-                       preset=args.preset, truth=truth if os.path.exists(truth) else None)
+                       preset=args.preset, truth=truth if os.path.exists(truth) else None,
+                       overrides=parse_overrides(args.overrides))
     print(f"{res.n_flagged} of {res.n_usable} samples flagged; poisoned classes {res.cleansed_classes}")
     if res.metrics:
         print(f"against the truth: TPR {res.metrics['ct']['tpr']:.3f}, FPR {res.metrics['ct']['fpr']:.4f}")

@@ -177,9 +177,13 @@ def _train_workers() -> list[int]:
 class Monitor(threading.Thread):
     """Samples memory every ``every`` s until :meth:`stop`; peaks in :attr:`peak`."""
 
-    def __init__(self, driver_pid: int, address: str, every: float = 0.5):
+    def __init__(self, driver_pid: int, address: str, every: float = 0.5, series: str | None = None):
         super().__init__(daemon=True)
         self.pid, self.address, self.every = driver_pid, address, every
+        # a CSV time series (unix time, driver anon MB, worker anon MB, store used MB): where a peak happens
+        self.series = open(series, "w") if series else None
+        if self.series:
+            self.series.write("time,driver_anon_mb,worker_anon_mb,store_used_mb\n")
         self.peak: dict[str, float] = {"driver_rss": 0, "driver_anon": 0, "worker_rss": 0, "worker_anon": 0,
                                        "store_used": 0, "spilled": 0}
         self._stop_evt = threading.Event()
@@ -202,12 +206,18 @@ class Monitor(threading.Thread):
                 s = _status(w)
                 self.peak["worker_rss"] = max(self.peak["worker_rss"], s.get("VmRSS", 0))
                 self.peak["worker_anon"] = max(self.peak["worker_anon"], s.get("RssAnon", 0))
+            used = -1
             try:
                 used, spilled = self._store()
                 self.peak["store_used"] = max(self.peak["store_used"], used)
                 self.peak["spilled"] = max(self.peak["spilled"], spilled)
             except Exception:  # noqa: BLE001 - the cluster may be starting or stopping
                 pass
+            if self.series:
+                w_anon = max((_status(w).get("RssAnon", 0) for w in _train_workers()), default=0)
+                self.series.write(f"{time.time():.1f},{d.get('RssAnon', 0) / 2**20:.1f},{w_anon / 2**20:.1f},"
+                                  f"{used / 2**20:.1f}\n")
+                self.series.flush()
             self._stop_evt.wait(self.every)
 
     def stop(self) -> None:
@@ -237,7 +247,7 @@ def run_size(n: int, work: str, args: argparse.Namespace) -> dict[str, Any]:
     t = time.monotonic()
     log = open(os.path.join(work, f"detect-{n}.log"), "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    mon = Monitor(proc.pid, address)
+    mon = Monitor(proc.pid, address, series=os.path.join(work, f"memory-{n}.csv"))
     mon.start()
     rc = proc.wait()
     wall = time.monotonic() - t
