@@ -94,9 +94,15 @@ def train_data_config() -> Any:
     """Ray Train's ``DataConfig`` with the driver's Ray Data limits (:func:`apply_data_limits`): Train
     resolves its ingest options where it runs (a controller actor), which does not see the driver's
     ``DataContext``."""
+    import ray.data
     import ray.train
 
-    return ray.train.DataConfig(execution_options=ray.train.DataConfig.default_ingest_options())
+    # built here rather than with DataConfig.default_ingest_options(), which passes the deprecated
+    # exclude_resources and prints a RayDeprecationWarning on every fit
+    opts = ray.data.DataContext.get_current().execution_options
+    return ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(
+        resource_limits=opts.resource_limits, preserve_order=opts.preserve_order,
+        verbose_progress=opts.verbose_progress))
 
 
 def alive_node_shapes(nodes: list[dict[str, Any]]) -> list[NodeShape]:
