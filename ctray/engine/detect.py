@@ -671,14 +671,21 @@ def _discard_rounds(out: str, storage: str, rounds: range) -> None:
 
 
 def _process_memory() -> dict[str, float]:
-    """``{"rss": MB, "anon": MB}`` of this process from /proc/self/status (Linux); {} elsewhere. ``anon`` is
-    the private part: VmRSS also counts the object store's shared pages a reader maps."""
+    """``{"rss", "anon", "arrow", "arrow_max"}`` MB of this process: /proc/self/status (Linux; {} elsewhere)
+    and pyarrow's memory pool. ``anon`` is the private part: VmRSS also counts the object store's shared
+    pages a reader maps."""
     try:
         with open("/proc/self/status") as f:
             kv = dict(line.split(":", 1) for line in f if ":" in line)
-        return {"rss": round(int(kv["VmRSS"].split()[0]) / 1024, 1), "anon": round(int(kv["RssAnon"].split()[0]) / 1024, 1)}
+        out = {"rss": round(int(kv["VmRSS"].split()[0]) / 1024, 1), "anon": round(int(kv["RssAnon"].split()[0]) / 1024, 1)}
     except (OSError, KeyError, ValueError):
         return {}
+    import pyarrow as pa
+
+    # Arrow's pool: live bytes, and the pool's high-water mark (freed pages a pool keeps count in RSS only)
+    out["arrow"] = round(pa.total_allocated_bytes() / 2**20, 1)
+    out["arrow_max"] = round(pa.default_memory_pool().max_memory() / 2**20, 1)
+    return out
 
 
 def _peak_rss() -> int | None:
