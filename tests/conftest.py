@@ -52,15 +52,21 @@ FM_N_TRAIN = 4000
 FM_RATE = 0.02
 
 
-@pytest.fixture(scope="session")
-def fm_base(tmp_path_factory, fmnist_available):
-    if not fmnist_available:
+def fm_dataset(tmp_path_factory, available: bool, name: str, n_train: int, n_clean: int, n_test: int,
+               shard_size: int) -> str:
+    """Real Fashion-MNIST shards in a fresh temp directory (skips when the Debian data package is absent)."""
+    if not available:
         pytest.skip("Debian package dataset-fashion-mnist is not installed (make install installs it as root)")
     from ctray.data.sources import make_dataset
 
-    d = str(tmp_path_factory.mktemp("fm") / "base")
-    make_dataset("fashion-mnist", d, n_train=FM_N_TRAIN, n_clean=500, n_test=200, shard_size=1000, seed=0)
+    d = str(tmp_path_factory.mktemp(name) / "fm")
+    make_dataset("fashion-mnist", d, n_train=n_train, n_clean=n_clean, n_test=n_test, shard_size=shard_size, seed=0)
     return d
+
+
+@pytest.fixture(scope="session")
+def fm_base(tmp_path_factory, fmnist_available):
+    return fm_dataset(tmp_path_factory, fmnist_available, "fm", FM_N_TRAIN, 500, 200, 1000)
 
 
 def _poisoned(base: str, tmp_path_factory, attack: str) -> str:

@@ -37,13 +37,9 @@ SCHEDULE = {"ct.rounds": 2, "ct.pretrain_epochs": [1, 1], "ct.iters": [ITERS, 20
 
 @pytest.fixture(scope="module")
 def fm1k(tmp_path_factory, fmnist_available):
-    if not fmnist_available:
-        pytest.skip("Debian package dataset-fashion-mnist is not installed")
-    from ctray.data.sources import make_dataset
+    from conftest import fm_dataset
 
-    d = str(tmp_path_factory.mktemp("fault") / "fm")
-    make_dataset("fashion-mnist", d, n_train=N_TRAIN, n_clean=200, n_test=50, shard_size=250, seed=0)
-    return d
+    return fm_dataset(tmp_path_factory, fmnist_available, "fault", N_TRAIN, 200, 50, 250)
 
 
 def _cfg(data: str, out: str, workers: int):
