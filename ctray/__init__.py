@@ -6,11 +6,12 @@ from typing import Any
 
 from ctray._version import __version__
 
-__all__ = ["BenchResult", "Config", "DetectResult", "SweepResult", "__version__", "bench", "detect", "export",
-           "load_config", "open_run", "sweep"]
+__all__ = ["BenchResult", "Config", "DetectResult", "SweepResult", "__version__", "audit", "bench", "cleanse_model",
+           "detect", "evaluate", "export", "load_config", "open_run", "repair", "sweep", "train"]
 
 # Imported on first use, so that `import ctray` (and every CLI start) stays free of pyarrow/Ray imports.
-_LAZY = {"detect": "ctray.api", "export": "ctray.api", "DetectResult": "ctray.engine.results", "open_run": "ctray.engine.results",
+_LAZY = {"detect": "ctray.api", "export": "ctray.api", "train": "ctray.api", "evaluate": "ctray.api",
+         "audit": "ctray.api", "repair": "ctray.api", "cleanse_model": "ctray.api", "DetectResult": "ctray.engine.results", "open_run": "ctray.engine.results",
          "load_config": "ctray.config", "Config": "ctray.config",
          "bench": "ctray.engine.bench", "BenchResult": "ctray.engine.bench",
          "sweep": "ctray.engine.sweep", "SweepResult": "ctray.engine.sweep"}

@@ -71,16 +71,59 @@ def test_result_ladder_matches_the_run_directory(readme_run):
     assert int(res.shards()["samples"].sum()) == 1000
 
 
+# Every example with its documented arguments (plus the short schedule), run in this process through the
+# session's Ray, and what its output must say. s3_shards.py runs against the loopback S3 server in
+# tests/test_s3.py (its Ray workers need the endpoint in their environment, so it runs as a child process);
+# cluster_job.py's submission is checked here (--dry-run) and sent to a real job server in
+# tests/test_job_submit.py (make test-all: it starts its own head).
+IN_PROCESS = {
+    "quickstart.py": ([], r"\d+ of \d+ samples flagged.*wrote \d+ samples"),
+    "sweep.py": (["--trials", "2", "--detect", "sweep.baseline=false"],
+                 r"recommended config: .*best\.yaml.*detect with it: \d+ of \d+ samples flagged"),
+    "audit_repair.py": (["repair.steps=20", "audit.steps_per_class=3", "audit.classes=[0,1]"],
+                        r"suspect +clean accuracy 0\.\d+.*audit: score .*repaired +clean accuracy"),
+}
+ELSEWHERE = {"s3_shards.py": "tests/test_s3.py", "cluster_job.py": "here (--dry-run) and tests/test_job_submit.py"}
+
+
+def test_every_example_is_run_by_a_test_and_listed():
+    scripts = {p.name for p in (ROOT / "examples").glob("*.py")}
+    assert scripts == set(IN_PROCESS) | set(ELSEWHERE)
+    listing = (ROOT / "examples" / "README.md").read_text()
+    for s in scripts:
+        assert f"({s})" in listing, f"examples/README.md does not list {s}"
+        head = (ROOT / "examples" / s).read_text().split('"""')[1]
+        assert f"python examples/{s}" in head, f"{s} lost its command at the top"
+
+
 @pytest.mark.usefixtures("ray_session")
-@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+@pytest.mark.parametrize("script", sorted(IN_PROCESS))
 def test_examples_run(script, fm_badnet, tmp_path, monkeypatch, capsys):
-    """Every example script with its documented arguments (plus the short schedule) on one shard."""
     data = tmp_path / "data"
     data.mkdir()
     for p in pathlib.Path(fm_badnet).iterdir():
         if not re.match(r"train-00000[123]\.tar", p.name):
             os.symlink(p, data / p.name)
     quick = [f"{k}={json.dumps(v)}" for k, v in QUICK.items()]
-    monkeypatch.setattr(sys, "argv", [script, str(data), str(tmp_path / "out"), "--preset", "smoke", *quick])
+    extra, expect = IN_PROCESS[script]
+    monkeypatch.setattr(sys, "argv", [script, str(data), str(tmp_path / "out"), "--preset", "smoke", *quick, *extra])
     runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
-    assert "flagged" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(expect, out, re.S), out[-3000:]
+
+
+def test_cluster_job_submission_dry_run(capsys, monkeypatch):
+    """The job the example would send: quickstart.py on the cluster with the words quoted for the head's
+    shell, and cluster/runtime_env.yaml's upload rules with the repository as working_dir."""
+    mod = runpy.run_path(str(ROOT / "examples" / "cluster_job.py"))
+    job = mod["submission"]("s3://b/data dir", "s3://b/runs/x", "small", ["ct.lam=[20,20,20,30,30,15]"])
+    assert job["entrypoint"] == ("python examples/quickstart.py 's3://b/data dir' s3://b/runs/x --preset small "
+                                 "'ct.lam=[20,20,20,30,30,15]'")
+    env = job["runtime_env"]
+    assert env["working_dir"] == str(ROOT) and ".venv/" in env["excludes"] and "data/" in env["excludes"]
+    monkeypatch.setattr(sys, "argv", ["cluster_job.py", "--dry-run", "--address", "http://head:8265", "d", "o"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "examples" / "cluster_job.py"), run_name="__main__")
+    assert e.value.code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["address"] == "http://head:8265" and printed["entrypoint"] == "python examples/quickstart.py d o"

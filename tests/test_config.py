@@ -150,3 +150,19 @@ def test_auto_preset():
     assert auto_preset(32, 10, 50000, True)[0] == "reference-cifar"
     assert auto_preset(64, 1000, 1_000_000, True)[0] == "imagenet64"
     assert auto_preset(28, 10, 500, False)[0] == "smoke"
+
+
+def test_experimental_switches_are_named_and_warned(caplog):
+    """config.EXPERIMENTAL lists every experimental switch; each is off by default and in no preset, and
+    turning one on logs a warning that names it."""
+    import logging
+
+    from ctray.config import EXPERIMENTAL, experimental_in_use, list_presets
+
+    for name in list_presets():
+        assert experimental_in_use(load_config(name)) == [], name
+    with caplog.at_level(logging.WARNING, logger="ctray.config"):
+        cfg = load_config("small", {"cleanse.unlearn_every": 50})
+    assert experimental_in_use(cfg) == ["cleanse.unlearn_every=50"]
+    assert any("experimental setting cleanse.unlearn_every=50" in r.getMessage() for r in caplog.records)
+    assert set(EXPERIMENTAL) == {"cleanse.unlearn_every"}

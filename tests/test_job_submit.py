@@ -134,6 +134,13 @@ def test_job_submit_detect_on_local_head(tmp_path, fmnist_available):
                 "runtime_resources")) for d in dirs]
         assert any(p.endswith("/ctray") for p in pkgs), pkgs[:20]
         assert not any(p.endswith(("/.venv", "/.git")) for p in pkgs)
+        # the same through examples/cluster_job.py (JobSubmissionClient): quickstart.py on the head
+        ex = subprocess.run([sys.executable, os.path.join(REPO, "examples", "cluster_job.py"), "--address", address,
+                             str(data), str(tmp_path / "ex"), "--preset", "smoke", *TINY, "scale.num_workers=0"],
+                            env=env, capture_output=True, text=True, timeout=700)
+        assert ex.returncode == 0, (ex.stdout[-4000:], ex.stderr[-2000:])
+        assert "succeeded" in ex.stdout and "samples flagged" in ex.stdout
+        assert json.loads((tmp_path / "ex" / "cleansed" / "manifest.json").read_text())["counts"]["read"] == N_TRAIN
         print(f"head up {t_up:.1f}s; job submit -> succeeded {t_job:.1f}s")
     finally:
         _stop_head(head, temp_dir)

@@ -145,6 +145,21 @@ def test_detect_reads_and_writes_s3(bucket):
     print(f"s3 detect: {first_s:.1f}s")
 
 
+def test_s3_example_runs_against_the_bucket(bucket):
+    """examples/s3_shards.py as its docstring says, with the bucket as DATA and OUT: the run directory and
+    the cleansed shards land in the bucket, and the kept + removed counts add up to what was read."""
+    env = _child_env(bucket)
+    cmd = [sys.executable, os.path.join(REPO, "examples", "s3_shards.py"), f"s3://{BUCKET}/fm",
+           f"s3://{RUNS}/example", "--preset", "smoke", *TINY, "scale.num_workers=0"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"of {N_TRAIN} samples flagged" in p.stdout and "4 shards, 0 quarantined" in p.stdout, p.stdout
+    manifest = json.loads(bucket.get(RUNS, "example/cleansed/manifest.json"))
+    assert manifest["counts"]["read"] == N_TRAIN
+    assert manifest["counts"]["written"] + manifest["counts"]["removed"] == N_TRAIN
+    assert "example/run/scores.parquet" in bucket.list_keys(RUNS, "example/run/")
+
+
 @pytest.mark.slow
 def test_detect_s3_real_worker_ray_train_storage_and_resume(bucket):
     """One real Ray Train worker process: Ray Train's own storage (in-round checkpoints) goes under the run
