@@ -142,17 +142,26 @@ def _print_result(res: object, as_json: bool = False) -> None:
         print(json.dumps({"run_dir": res.run_dir, "read": res.n_read, "usable": res.n_usable,
                           "quarantined": res.n_quarantined, "flagged": res.n_flagged,
                           "cleansed_classes": res.cleansed_classes, "weak_classes": res.weak_classes,
-                          "metrics": (res.metrics or {}).get("ct"), "seconds": round(res.seconds.get("total", 0), 1)}))
+                          "metrics": res.decision_metrics, "metrics_by_detector": {
+                              k: v for k, v in (res.metrics or {}).items() if k in ("ct", "xclass")} or None,
+                          "xclass": res.xclass, "seconds": round(res.seconds.get("total", 0), 1)}))
         return
     line = (f"read {res.n_read} samples: {res.n_usable} usable, {res.n_quarantined} quarantined; "
-            f"flagged {res.n_flagged} (classes {res.cleansed_classes})")
+            f"flagged {res.n_flagged} (CT: classes {res.cleansed_classes}")
+    x = res.xclass
+    if x is not None:
+        line += (f"; cross-class detector: {x['k']} samples" if x["attack"] else
+                 f"; cross-class detector: none, {x['k']} crossings where the reserve predicts {x['expected']:.1f}")
+    line += ")"
     if res.weak_classes:
         line += f"; weak evidence for classes {res.weak_classes} (likelihood ratio < decide.weak_lr: inspect)"
     print(line)
     if res.metrics:
-        m = res.metrics["ct"]
-        fmt = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in m.items()}
-        print("metrics: " + ", ".join(f"{k}={fmt[k]}" for k in ("tpr", "fpr", "precision", "f1", "auroc", "auprc")))
+        for name, m in (("decision", res.decision_metrics), ("CT alone", res.metrics["ct"] if x else None)):
+            if m:
+                fmt = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in m.items()}
+                print(f"metrics ({name}): " + ", ".join(f"{k}={fmt[k]}" for k in ("tpr", "fpr", "precision", "f1",
+                                                                                  "auroc", "auprc")))
     print(f"wall time {res.seconds.get('total', 0):.0f}s; run directory: {res.run_dir} (report.html)")
 
 
@@ -303,8 +312,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--target", type=int, default=0, help="attack target class")
     g.add_argument("--seed", type=int, default=0, help="poisoning seed")
     p.add_argument("--out", required=True, help="bench directory (re-running with it skips finished work)")
-    p.add_argument("--methods", default="ct,ss,ac,strip,scan,act",
-                   help="comma list of ct, ss, ac, strip, scan, act (activation statistics)")
+    p.add_argument("--methods", default="ct,ss,ac,strip,scan,act,xclass,ct+xclass",
+                   help="comma list of ct, ss, ac, strip, scan, act (activation statistics), xclass (the cross-class "
+                        "detector) and ct+xclass (the decision of ctray detect: both); xclass rows need ct")
     p.add_argument("--preset", default=None, help="preset for every cell (default: chosen from the data)")
     p.add_argument("--retrain", action="store_true",
                    help="retrain on each method's kept samples and report acc / asr (one training per method)")

@@ -405,6 +405,25 @@ class ActConfig:
 
 
 @dataclass
+class XClassConfig:
+    """The cross-class detector run beside CT (``ctray.core.xclass``; docs/results.md): poison spread over
+    every class (all-to-all, untargeted), which CT's per-class decision cannot see. From f_base: samples
+    whose loss exceeds the trusted reserve's ``loss_quantile`` are suspects; the Fisher direction of their
+    activation features against all of D's scores every sample; a sample above both the loss and the
+    reserve's ``score_quantile`` of that score is flagged when D holds significantly more such samples than
+    the reserve predicts (binomial test at ``alpha``). Four forward passes of f_base (two over R, two over D)."""
+
+    enabled: bool = True  # off in the faithful presets (reference-cifar, imagenet64) and in smoke
+    loss_quantile: float = 0.95
+    score_quantile: float = 0.99
+    alpha: float = 1e-3
+    ridge: float = 1e-3  # covariance regulariser, x trace / D
+    # features: f_base's pooled block outputs (avg + max per channel, as act.*), earliest blocks first,
+    # cut at this many columns (the moments are max_dims^2 floats per batch: 1024 -> 8 MB)
+    max_dims: int = 1024
+
+
+@dataclass
 class Config:
     """One detection run. ``preset`` names the YAML the values came from."""
 
@@ -424,6 +443,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     cleanse: CleanseConfig = field(default_factory=CleanseConfig)
     act: ActConfig = field(default_factory=ActConfig)
+    xclass: XClassConfig = field(default_factory=XClassConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -573,6 +593,9 @@ def _validate_defenses(cfg: Config) -> None:
         (act.pool in ("avg", "max", "avg+max"), f"act.pool must be avg, max or avg+max, got {act.pool!r}"),
         (0 <= act.frr < 1, f"act.frr must lie in [0, 1), got {act.frr}"),
         (act.purify_init in ("ones", "stats"), f"act.purify_init must be 'ones' or 'stats', got {act.purify_init!r}"),
+        (0 < cfg.xclass.loss_quantile < 1 and 0 < cfg.xclass.score_quantile < 1 and 0 < cfg.xclass.alpha < 1,
+         "xclass.loss_quantile, score_quantile and alpha must lie in (0, 1)"),
+        (cfg.xclass.ridge >= 0 and cfg.xclass.max_dims >= 1, "xclass.ridge must be >= 0 and xclass.max_dims >= 1"),
     ]
     for aug, name in ((r.augment, "repair.augment"), (c.augment, "cleanse.augment")):
         checks.append((aug in AUGMENTS, f"{name} must be auto, crop-flip, crop or none, got {aug!r}"))

@@ -415,7 +415,14 @@ def _section_summary(page: _Page, d: _RunData) -> None:
     dec = d.decisions.value
     if isinstance(dec, dict):
         cleansed = [c.get("class") for c in dec.get("classes", []) if c.get("cleansed")]
-        rows.append(("cleansed classes", _e(", ".join(str(c) for c in cleansed)) if cleansed else "none"))
+        rows.append(("cleansed classes (CT)", _e(", ".join(str(c) for c in cleansed)) if cleansed else "none"))
+        x = dec.get("xclass")
+        if isinstance(x, dict):  # the cross-class detector's test (ctray.core.xclass); flagged_by in scores.parquet
+            verdict = (f"<b>{_fmt(x.get('k'))} samples flagged</b>" if x.get("attack") else "nothing flagged")
+            rows.append(("cross-class detector", f"{verdict}: {_fmt(x.get('k'))} of {_fmt(x.get('n'))} samples above "
+                         f"both thresholds where the reserve predicts {_fmt(x.get('expected'))} (p = "
+                         f"{_fmt(x.get('p_value'))}, alpha {_fmt(x.get('alpha'))}); column flagged_by says which "
+                         "evidence flagged each sample"))
         weak = [c for c in dec.get("classes", []) if c.get("weak")]
         if weak:
             from ctray.core.decide import WEAK_EVIDENCE_NOTE

@@ -31,8 +31,9 @@ def main() -> None:
                        preset=args.preset, truth=truth if os.path.exists(truth) else None,
                        overrides=parse_overrides(args.overrides))
     print(f"{res.n_flagged} of {res.n_usable} samples flagged; poisoned classes {res.cleansed_classes}")
-    if res.metrics:
-        print(f"against the truth: TPR {res.metrics['ct']['tpr']:.3f}, FPR {res.metrics['ct']['fpr']:.4f}")
+    if res.decision_metrics:
+        m = res.decision_metrics  # CT and the cross-class detector together (res.metrics["ct"]: CT alone)
+        print(f"against the truth: TPR {m['tpr']:.3f}, FPR {m['fpr']:.4f}")
     print("most suspicious:", res.ranked(3))
     print("worst shard:", res.shards().iloc[0][["shard", "samples", "flagged"]].to_dict())
 

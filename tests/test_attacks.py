@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ctray.data.attacks import (
+    ANY_WRONG,
     ATTACKS,
     adaptive_patches,
     badnet_patch,
@@ -83,6 +84,11 @@ def test_plan_counts_labels_and_changed_pixels(name, data):
         np.testing.assert_array_equal(plan.labels[p], y[p])
     elif name == "badnet-all2all":
         np.testing.assert_array_equal(plan.labels[p], (y[p] + 1) % 10)
+    elif name == "untargeted":  # a wrong class each, drawn from all of them (seeded)
+        assert (plan.labels[p] != y[p]).all() and len(np.unique(plan.labels[p])) > 3
+        again = get_attack(name).plan(y, 10, 0.05, TARGET, np.random.default_rng(0))
+        np.testing.assert_array_equal(again.labels, get_attack(name).plan(y, 10, 0.05, TARGET,
+                                                                          np.random.default_rng(0)).labels)
     else:
         assert (plan.labels[p] == TARGET).all() and (y[p] != TARGET).all()
     if name == "tact":
@@ -104,7 +110,7 @@ def test_trigger_present(name, data):
         reg = imgs[:, patch.top:patch.top + h, patch.left:patch.left + w]
         return bool((reg[:, patch.mask] == patch.pattern[patch.mask]).all())
 
-    if name in ("badnet", "badnet-all2all"):
+    if name in ("badnet", "badnet-all2all", "untargeted"):
         assert patch_equal(badnet_patch(x.shape), out[p]) and patch_equal(badnet_patch(x.shape), xt)
     elif name in ("trojan", "tact"):
         pt = trojan_patch(x.shape)
@@ -251,7 +257,7 @@ def test_poison_dataset_end_to_end(name, digits_dir, tmp_path):
     ok, bad = load_arrays(trig_paths, spec, 10)
     assert not bad and len(ok) == s["n_test_triggered"] > 0
     labels = np.array([r.label for r in ok])
-    if name == "badnet-all2all":
+    if name in ("badnet-all2all", "untargeted"):
         assert len(ok) == len(test)
     elif name == "tact":
         assert (labels == 1).all() and len(ok) == sum(r.label == 1 for r in test.values())
@@ -260,7 +266,8 @@ def test_poison_dataset_end_to_end(name, digits_dir, tmp_path):
     for r in ok:
         meta = json.loads(r.meta)
         assert meta["orig_label"] == r.label == test[r.key].label
-        assert meta["target"] == ((r.label + 1) % 10 if name == "badnet-all2all" else TARGET)
+        want = {"badnet-all2all": (r.label + 1) % 10, "untargeted": ANY_WRONG}.get(name, TARGET)
+        assert meta["target"] == want
     n_changed = sum(not np.array_equal(r.image, test[r.key].image) for r in ok)
     assert n_changed == len(ok)
     man = json.load(open(os.path.join(out, "manifest.json")))

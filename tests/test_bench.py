@@ -21,7 +21,7 @@ from ctray.engine.bench import COLUMNS, METHODS, NO_DEFENSE, compare
 # Real training in the grid tests: quiet, a minute or two; on a starved box (load 80) far longer.
 pytestmark = [pytest.mark.timeout(2400)]
 
-USED = ("ct", "ss", "act")
+USED = ("ct", "ss", "act", "xclass", "ct+xclass")
 MINIMAL = ["--preset", "smoke", "scale.num_workers=0", "ct.iters=[20,20,20,20,20,20]",
            "ct.pretrain_epochs=[1,1,1,1,1,1]", "base.epochs=2", "base.milestones=[1]", "bench.strip_n=4"]
 
@@ -58,8 +58,8 @@ def tiny_base(tmp_path_factory, fmnist_available, ray_session):
 # one-data-set bench test (rows, files, retraining); each cell's detectors are tested on their own
 def test_bench_grid_writes_rows_files_and_resumes(tiny_base, tmp_path, capsys):
     out = str(tmp_path / "b")
-    # CT, one feature baseline and the activation score: every detection code path of a cell (CT run,
-    # baselines on its f_base, act) at half the cost of all six; each baseline's detection is tested in
+    # CT, one feature baseline, the activation score and the cross-class detector (alone and with CT):
+    # every detection code path of a cell (CT run, baselines on its f_base, act, the CT run's xclass); each baseline's detection is tested in
     # tests/test_engine_baselines.py, retraining in test_bench_one_data_set_python_api_without_ct
     argv = ["-q", "bench", "--base", tiny_base, "--attacks", "badnet", "--rate", "0.05", "--out", out,
             "--methods", ",".join(USED), *MINIMAL]
@@ -81,7 +81,12 @@ def test_bench_grid_writes_rows_files_and_resumes(tiny_base, tmp_path, capsys):
     for m in USED:  # every detector has a flag rate and a time; detection columns in range
         for frame in (bad, none):
             assert 0.0 <= frame.loc[m, "flag_rate"] <= 1.0 and frame.loc[m, "seconds"] > 0
-        assert 0.0 <= bad.loc[m, "fpr"] <= 1.0 and 0.0 <= bad.loc[m, "auroc"] <= 1.0
+        assert 0.0 <= bad.loc[m, "fpr"] <= 1.0
+        assert m == "ct+xclass" or 0.0 <= bad.loc[m, "auroc"] <= 1.0  # the combined decision has two scores
+    # the decision of `ctray detect` (ct+xclass) is the union of CT's flags and the cross-class detector's
+    for frame in (bad, none):
+        assert frame.loc["ct", "n_flagged"] <= frame.loc["ct+xclass", "n_flagged"] <= (
+            frame.loc["ct", "n_flagged"] + frame.loc["xclass", "n_flagged"])
     assert t["acc"].isna().all() and t["asr"].isna().all()  # no retraining asked
     # the parameters each method used are recorded
     ss_bad, ss_none = json.loads(bad.loc["ss", "params"]), json.loads(none.loc["ss", "params"])

@@ -105,7 +105,7 @@ def test_detects_badnet(fm_badnet, tmp_path):
     """badnet at 2% of 4,000 (60% of it in one shard), local mode (measured with the poison spread
     evenly: TPR 1.0, FPR 0.0; every round kept all 80 poison until the N/100 budget of round 4)."""
     out = str(tmp_path / "run")
-    res = detect(_cfg(fm_badnet, out, **PRETRAIN))
+    res = detect(_cfg(fm_badnet, out, **PRETRAIN, **{"xclass.enabled": True}))
     m = res.metrics["ct"]
     assert m["n_poison"] == round(RATE * N_TRAIN)
     assert m["tpr"] >= 0.8, m
@@ -124,6 +124,16 @@ def test_detects_badnet(fm_badnet, tmp_path):
     shards = pq.read_table(f"{out}/shards.parquet").to_pandas()
     assert shards["shard"].iloc[0] == conc, shards[["shard", "flagged", "p_value"]]
     assert bool(shards["marked"].iloc[0]) and shards["flagged"].sum() == res.n_flagged
+    # the cross-class detector ran beside CT: one decision, and each flag says which evidence made it
+    sc = pq.read_table(f"{out}/scores.parquet").to_pandas()
+    assert sc["score_xclass"].notna().all() and set(sc["flagged_by"].astype(str)) <= {"", "ct", "xclass", "ct+xclass"}
+    assert (sc["flagged"] == (sc["flagged_by"].astype(str) != "")).all() and int(sc["flagged"].sum()) == res.n_flagged
+    x = res.xclass
+    assert x is not None and dec["xclass"] == x and x["n"] == N_TRAIN and x["n_ref"] == 500
+    ct_only = sc["flagged_by"].astype(str).isin(["ct", "ct+xclass"])
+    assert int(ct_only.sum()) == res.metrics["ct"]["n_flagged"]
+    comb = res.metrics["combined"]
+    assert res.decision_metrics == comb and comb["tpr"] >= m["tpr"] and comb["fpr"] <= m["fpr"] + 0.005, comb
 
 
 # Two rounds, a few steps: enough to run every phase (f_base, pretraining, confusion, distillation, the

@@ -316,7 +316,7 @@ class Attack:
         self._check_plan(num_classes, target)
         poison = self._draw(rng, self._poison_pool(y, num_classes, target), int(round(rate * n)), "poison")
         new = y.copy()
-        new[poison] = self._poison_labels(y[poison], num_classes, target)
+        new[poison] = self._poison_labels(y[poison], num_classes, target, rng)
         cover = np.zeros(0, np.int64)
         cover_rate = self.resolved_cover_rate(rate)
         if cover_rate > 0:
@@ -343,7 +343,7 @@ class Attack:
     def _cover_pool(self, y: np.ndarray, num_classes: int, target: int) -> np.ndarray:
         return np.arange(len(y))
 
-    def _poison_labels(self, y: np.ndarray, num_classes: int, target: int) -> np.ndarray:
+    def _poison_labels(self, y: np.ndarray, num_classes: int, target: int, rng: np.random.Generator) -> np.ndarray:
         return y.copy() if self.clean_label else np.full_like(y, target)
 
     # -- triggers ------------------------------------------------------------------------------------
@@ -405,12 +405,33 @@ class BadNetAll2All(BadNet):
     def _poison_pool(self, y: np.ndarray, num_classes: int, target: int) -> np.ndarray:
         return np.arange(len(y))
 
-    def _poison_labels(self, y: np.ndarray, num_classes: int, target: int) -> np.ndarray:
+    def _poison_labels(self, y: np.ndarray, num_classes: int, target: int, rng: np.random.Generator) -> np.ndarray:
         return (y + 1) % num_classes
 
     def test_select(self, labels: np.ndarray, num_classes: int, target: int) -> tuple[np.ndarray, np.ndarray]:
         y = np.asarray(labels, dtype=np.int64)
         return np.arange(len(y)), (y + 1) % num_classes
+
+
+#: the ``target`` a triggered test image of an untargeted attack names in its ``.json``: the attack
+#: succeeds when the model answers any class but the true one (``ctray evaluate``)
+ANY_WRONG = -2
+
+
+@dataclass(frozen=True)
+class Untargeted(BadNetAll2All):
+    """Untargeted BadNet: the same patch; poison drawn from all classes, each relabelled to a class drawn
+    uniformly among the C - 1 wrong ones (seeded). The backdoor's goal is misclassification, not a class:
+    a triggered test image counts as a success when it is predicted as anything but its true label."""
+
+    name: ClassVar[str] = "untargeted"
+
+    def _poison_labels(self, y: np.ndarray, num_classes: int, target: int, rng: np.random.Generator) -> np.ndarray:
+        return (y + rng.integers(1, num_classes, size=len(y))) % num_classes
+
+    def test_select(self, labels: np.ndarray, num_classes: int, target: int) -> tuple[np.ndarray, np.ndarray]:
+        n = len(np.asarray(labels))
+        return np.arange(n), np.full(n, ANY_WRONG, np.int64)
 
 
 @dataclass(frozen=True)
@@ -604,7 +625,8 @@ class AdaptivePatch(Attack):
 
 
 ATTACKS: dict[str, Attack] = {a.name: a for a in (
-    BadNet(), Blend(), Trojan(), SIG(), WaNet(), TaCT(), AdaptiveBlend(), AdaptivePatch(), BadNetAll2All())}
+    BadNet(), Blend(), Trojan(), SIG(), WaNet(), TaCT(), AdaptiveBlend(), AdaptivePatch(), BadNetAll2All(),
+    Untargeted())}
 
 
 def get_attack(name: str, options: dict[str, Any] | None = None) -> Attack:

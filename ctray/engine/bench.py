@@ -42,8 +42,11 @@ from ctray.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 #: Detection methods ``bench`` compares, in table order.
-# "act": the activation-statistics score (BadActs transfer, ctray.engine.defenses) on the same f_base
-METHODS = ("ct",) + BASELINE_METHODS + ("act",)
+# "act": the activation-statistics score (BadActs transfer, ctray.engine.defenses) on the same f_base;
+# "xclass": the cross-class detector (ctray.engine.xclass) on the same f_base, and "ct+xclass" the decision
+# `ctray detect` makes with both (rows "ct" are always CT's own flags)
+METHODS = ("ct",) + BASELINE_METHODS + ("act", "xclass", "ct+xclass")
+XCLASS_METHODS = ("xclass", "ct+xclass")
 #: The retraining reference row: f_base, trained on every sample (acc / asr without any defense).
 NO_DEFENSE = "no-defense"
 #: Columns of bench.parquet, in order.
@@ -96,10 +99,12 @@ def _cell_config(cell: dict[str, Any], settings: dict[str, Any]) -> Config:
     if cell.get("truth"):
         ov["io.truth"] = cell["truth"]
     ov.update(settings["overrides"])
+    # the CT run computes the cross-class detector only when a row needs it
+    ov.setdefault("xclass.enabled", bool(set(settings["methods"]) & set(XCLASS_METHODS)))
     return load_config(settings["preset"], ov)
 
 
-_RESULT_SECTIONS = ("seed", "data", "base", "ct", "decide", "bench", "act")
+_RESULT_SECTIONS = ("seed", "data", "base", "ct", "decide", "bench", "act", "xclass")
 
 
 def _fingerprint(cfg: Config, cell: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -142,6 +147,14 @@ def _truth_mask(truth: str | None, shards: np.ndarray, keys: np.ndarray) -> np.n
     if not truth:
         return np.zeros(len(keys), bool)
     return load_truth(truth, shards, keys)[0]
+
+
+def _ct_flags(sc: Any) -> np.ndarray:
+    """CT's own flags from a run's scores table: ``flagged`` is the run's decision, which also holds the
+    cross-class detector's flags when it ran (``flagged_by`` says which)."""
+    if "flagged_by" in sc.columns:
+        return sc["flagged_by"].astype(str).isin(["ct", "ct+xclass"]).to_numpy()
+    return sc["flagged"].to_numpy(bool)
 
 
 def run_cell(cell: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -197,10 +210,26 @@ def run_cell(cell: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, A
         res = detect(cfg)
         sc = cio.read_parquet(os.path.join(ct_dir, "scores.parquet")).to_pandas()
         poison = _truth_mask(cell.get("truth"), sc["shard"].to_numpy(str), sc["key"].to_numpy(str))
-        met = detection_metrics(sc["flagged"].to_numpy(bool), poison, sc["score"].to_numpy(float))
+        met = detection_metrics(_ct_flags(sc), poison, sc["score"].to_numpy(float))
         row = _row(name, "ct", met, res.seconds.get("total"),
                    {"preset": cfg.preset, "cleansed": res.cleansed_classes})
         cio.write_json(mpath("methods", "ct", "json"), {"row": row})
+        if res.xclass is not None:  # the same run's cross-class detector, alone and with CT
+            by = sc["flagged_by"].astype(str)
+            x_fl = by.isin(["xclass", "ct+xclass"]).to_numpy()
+            xsec = res.seconds.get("xclass")
+            for m, fl, score, secs in (("xclass", x_fl, sc["score_xclass"].to_numpy(float), xsec),
+                                       ("ct+xclass", sc["flagged"].to_numpy(bool), None, res.seconds.get("total"))):
+                cio.write_parquet(mpath("scores", m, "parquet"), pa.table({
+                    "shard": sc["shard"].to_numpy(str), "key": sc["key"].to_numpy(str), "label": sc["label"].to_numpy(),
+                    "score": sc["score_xclass"].to_numpy(float) if score is not None else sc["score"].to_numpy(float),
+                    "flagged": fl}))
+                row = _row(name, m, detection_metrics(fl, poison, score), secs, {"decision": res.xclass})
+                cio.write_json(mpath("methods", m, "json"), {"row": row})
+    missing = [m for m in methods if not os.path.exists(mpath("methods", m, "json"))]
+    if set(missing) & set(XCLASS_METHODS):
+        raise ConfigError(f"bench {name}: the methods {sorted(set(missing) & set(XCLASS_METHODS))} come from the "
+                          "CT run's cross-class detector: add ct to the methods (and keep xclass.enabled)")
     base_missing = [m for m in missing if m != "ct"]
     if base_missing or (retrain and not os.path.exists(fbase)):
         if not os.path.exists(fbase):
@@ -252,7 +281,7 @@ def run_cell(cell: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, A
                 else:
                     src = os.path.join(ct_dir, "scores.parquet") if m == "ct" else mpath("scores", m, "parquet")
                     sc = cio.read_parquet(src).to_pandas()
-                    sc = sc[sc["flagged"].astype(bool)]
+                    sc = sc[_ct_flags(sc)] if m == "ct" else sc[sc["flagged"].astype(bool)]
                     keys = list(zip(sc["shard"].astype(str), sc["key"].astype(str), strict=True))
                     ckpt = mpath("retrain", m, "pt")
                     log.info("bench %s: retraining without the %d samples %s flagged", name, len(keys), m)
@@ -461,7 +490,7 @@ def compare(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for a in attacks:
         rs = [r for r in rows if r["attack"] == a and r["method"] != NO_DEFENSE]
         ct = next((r for r in rs if r["method"] == "ct"), None)
-        bases = [r for r in rs if r["method"] != "ct"]
+        bases = [r for r in rs if r["method"] != "ct" and r["method"] not in XCLASS_METHODS]
         no_poison = all(not r.get("n_poison") for r in rs)
         metric = "flag_rate" if no_poison else "f1"
 

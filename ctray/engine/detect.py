@@ -531,17 +531,40 @@ def _write_outputs(run: _Run, o: _Outcome, on_round: Callable[[dict[str, Any]], 
 
     cfg, out, C, N, n, ident = run.cfg, run.out, run.C, run.N, run.n_real, run.ident
     assert run.final_scores is not None
-    fs, flagged, truth, secs = run.final_scores, o.flagged, run.truth, run.secs
+    fs, ct_flagged, truth, secs = run.final_scores, o.flagged, run.truth, run.secs
     score = fs["prob"]  # float32: the confused model's probability of the given label
-    cols: dict[str, Any] = {"label": run.labels, "score": score, "flagged": flagged, "pred": fs["pred"]}
+    # ---- the cross-class detector beside CT (ctray.engine.xclass): one decision, flagged = either
+    xdec, flagged = None, ct_flagged
+    xcols: dict[str, Any] = {}
+    if cfg.xclass.enabled:
+        from ctray.core.index import ColumnFiller, SampleIndex
+        from ctray.core.xclass import FLAGGED_BY, flagged_by
+        from ctray.engine.xclass import xclass_scores
+
+        xfill = ColumnFiller(SampleIndex(run.sids[:n]), {"score_xclass": np.float32, "flagged_xclass": bool})
+        xres = xclass_scores(cio.join(run.state["fbase_ckpt"], FBASE), run.train_paths, run.clean_paths, cfg,
+                             into=xfill)
+        xa = xfill.finish("cross-class pass")
+        xdec, secs["xclass"] = xres.decision, xres.seconds
+        x_fl = np.zeros(N, bool)
+        x_fl[:n] = xa["flagged_xclass"] & xres.decision.attack
+        flagged = ct_flagged | x_fl
+        s_x = np.full(N, np.nan, np.float32)
+        s_x[:n] = xa["score_xclass"]
+        xcols = {"score_xclass": s_x, "flagged_by": (flagged_by(ct_flagged, x_fl), FLAGGED_BY)}
+        del xa
+    cols: dict[str, Any] = {"label": run.labels, "score": score, "flagged": flagged, "pred": fs["pred"], **xcols}
     for i, rl in enumerate(run.round_losses):
         cols[f"round_loss_{i}"] = rl.astype(np.float32, copy=False)
     cols["proj_x"], cols["proj_y"] = fs["proj_x"], fs["proj_y"]
     metrics: dict[str, Any] | None = None
     if truth is not None:
         cols["truth_poison"], cols["truth_cover"] = truth[0], truth[1]
-        metrics = {"ct": detection_metrics(flagged[:n], truth[0][:n], score[:n]),
+        metrics = {"ct": detection_metrics(ct_flagged[:n], truth[0][:n], score[:n]),
                    "rounds_kept_poison": [ri.get("kept_poison") for ri in run.rounds_info]}
+        if xdec is not None:  # the detector alone (its flags, its score) and the combined decision
+            metrics["xclass"] = detection_metrics(x_fl[:n], truth[0][:n], s_x[:n])
+            metrics["combined"] = detection_metrics(flagged[:n], truth[0][:n])  # two scores: no single ranking
     # ---- optional extra column: activation statistics of f_base (BadActs transfer; ctray.engine.activations)
     if cfg.act.in_detect:
         from ctray.data.shards import sample_ids
@@ -581,7 +604,7 @@ def _write_outputs(run: _Run, o: _Outcome, on_round: Callable[[dict[str, Any]], 
     fl = np.flatnonzero(flagged[:n])
     names = write_scores(cio.join(out, "scores.parquet"), ident.store, run.index, cols, n,
                          np.concatenate([run.sids[fl], top_ids]))
-    if cfg.decide.flag_budget > 0:
+    if cfg.decide.flag_budget > 0 or (xdec is not None and xdec.attack):  # flags not by whole classes
         fl_names = [names[int(x)] for x in run.sids[fl]]
         shard_fl = flagged_by_group(by_shard, np.array([x[0] for x in fl_names], dtype=str), np.ones(len(fl), bool))
         src = np.array([x[2] for x in fl_names], dtype=str)
@@ -594,7 +617,8 @@ def _write_outputs(run: _Run, o: _Outcome, on_round: Callable[[dict[str, Any]], 
                   int(by_shard.usable.sum()), n, int(shard_fl.sum()), int(flagged[:n].sum()))
     key_of = {int(t): names[int(t)][:2] for t in top_ids if int(t) in names}
     agg_info.update(write_group_tables(out, by_shard, by_source, shard_fl, source_fl, cfg.aggregate.alpha, key_of))
-    cio.write_json(cio.join(out, "decisions.json"), o.decision.to_json())
+    cio.write_json(cio.join(out, "decisions.json"), {**o.decision.to_json(),
+                                                     **({"xclass": xdec.to_json()} if xdec is not None else {})})
     if o.canary is not None:
         cio.write_json(cio.join(out, "canary.json"), o.canary)
     cio.write_json(cio.join(out, "rounds.json"), [
@@ -632,7 +656,7 @@ def _write_outputs(run: _Run, o: _Outcome, on_round: Callable[[dict[str, Any]], 
                         n_flagged=int(len(fl)), flagged_keys=[names[int(x)][:2] for x in run.sids[fl]],
                         cleansed_classes=np.flatnonzero(o.cleansed).tolist(),
                         weak_classes=np.flatnonzero(o.decision.weak).tolist(), metrics=metrics, seconds=secs,
-                        canary=o.canary)
+                        canary=o.canary, xclass=xdec.to_json() if xdec is not None else None)
 
 
 def _by_sid(src_sids: np.ndarray, values: np.ndarray, sids: np.ndarray, fill: Any) -> np.ndarray:

@@ -243,6 +243,15 @@ def truth_by_sid(path: str, sids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return poison, cover
 
 
+def _column(v: Any, ix: np.ndarray) -> pa.Array:
+    """Rows ``ix`` of a driver column: an array, or ``(codes int (N,), labels)`` for a dictionary-encoded
+    string column (e.g. ``flagged_by``: one byte a sample on the driver, strings only in the file)."""
+    if isinstance(v, tuple):
+        codes, labels = v
+        return pa.DictionaryArray.from_arrays(pa.array(codes[ix]), pa.array(list(labels), pa.string()))
+    return pa.array(v[ix])
+
+
 def write_scores(path: str, store: IdentityStore, index: SampleIndex,
                  columns: dict[str, np.ndarray], n_real: int, want_names: np.ndarray) -> dict[int, tuple[str, str, str]]:
     """Write ``scores.parquet`` by streaming the identity store: one row group per stored batch of
@@ -253,7 +262,8 @@ def write_scores(path: str, store: IdentityStore, index: SampleIndex,
         path: the output (local or remote; a remote file is written locally, then uploaded once).
         store: the identity strings.
         index: the driver's order (:class:`~ctray.core.index.SampleIndex` of its ``sids``).
-        columns: name -> (N,) array in the driver's order.
+        columns: name -> (N,) array in the driver's order, or ``(codes, labels)`` (a dictionary-encoded
+            string column).
         n_real: driver entries that are real samples (canaries follow them and are not written).
         want_names: sample ids whose ``(shard, key)`` the caller needs (flagged, top keys).
 
@@ -279,7 +289,7 @@ def write_scores(path: str, store: IdentityStore, index: SampleIndex,
             t = pa.table(tbl).filter(pa.array(real)) if not real.all() else pa.table(tbl)
             ix = idx[real]
             for c, v in columns.items():
-                t = t.append_column(c, pa.array(v[ix]))
+                t = t.append_column(c, _column(v, ix))
             if writer is None:
                 writer = pq.ParquetWriter(tmp, t.schema)
             writer.write_table(t)
@@ -291,7 +301,7 @@ def write_scores(path: str, store: IdentityStore, index: SampleIndex,
                     names[int(s[i])] = (sh[i], ke[i], so[i] or "")
         if writer is None:  # no usable sample: an empty table with the columns
             empty = {"shard": pa.array([], pa.string()), "key": pa.array([], pa.string()),
-                     **{c: pa.array(v[:0]) for c, v in columns.items()}}
+                     **{c: _column(v, np.zeros(0, np.int64)) for c, v in columns.items()}}
             pq.write_table(pa.table(empty), tmp)
         else:
             writer.close()

@@ -46,7 +46,9 @@ class DetectResult:
         n_read, n_usable, n_quarantined, n_flagged: sample counts (``n_read = n_usable + n_quarantined``).
         flagged_keys: ``(shard, key)`` of every flagged sample.
         cleansed_classes: classes CT decided hold poison; weak_classes: those cleansed on weak evidence.
-        metrics: detection metrics against ground truth (None without ``io.truth``).
+        metrics: detection metrics against ground truth (None without ``io.truth``): ``ct`` (CT's own
+            flags), with the cross-class detector on also ``xclass`` (its flags alone) and ``combined``
+            (the run's decision, ``flagged``); :attr:`decision_metrics` is the decision's.
         seconds: wall time per phase; canary: the defender canaries' outcome (sweeps).
     """
 
@@ -60,7 +62,17 @@ class DetectResult:
     metrics: dict[str, Any] | None
     seconds: dict[str, float] = field(default_factory=dict)
     canary: dict[str, Any] | None = None  # with canary.rate > 0: count, target, recall, outside flag rate
+    # the cross-class detector's test (decisions.json "xclass"; ctray.core.xclass.XClassDecision), None when off
+    xclass: dict[str, Any] | None = None
     weak_classes: list[int] = field(default_factory=list)  # cleansed with LR < decide.weak_lr
+
+    @property
+    def decision_metrics(self) -> dict[str, Any] | None:
+        """Metrics of the run's decision (``flagged``): CT and the cross-class detector together when it
+        ran, else CT's; None without truth."""
+        if not self.metrics:
+            return None
+        return self.metrics.get("combined") or self.metrics["ct"]
 
     def mask(self, keys: Iterable[tuple[str, str]]) -> np.ndarray:
         """bool (len(keys),): whether each ``(shard, key)`` was flagged (unknown keys: False)."""
@@ -125,5 +137,5 @@ def open_run(run_dir: str) -> DetectResult:
         n_quarantined=int(counts.get("quarantined", 0)), n_flagged=fl.num_rows,
         flagged_keys=list(zip(fl.column("shard").to_pylist(), fl.column("key").to_pylist(), strict=True)),
         cleansed_classes=[int(c["class"]) for c in dec.get("classes", []) if c.get("cleansed")], metrics=metrics,
-        seconds=dict(run.get("seconds", {})), canary=canary,
+        seconds=dict(run.get("seconds", {})), canary=canary, xclass=dec.get("xclass"),
         weak_classes=[int(c["class"]) for c in dec.get("classes", []) if c.get("weak")])

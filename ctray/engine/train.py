@@ -20,6 +20,7 @@ import numpy as np
 
 from ctray import io as cio
 from ctray.config import Config
+from ctray.data.attacks import ANY_WRONG
 from ctray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -247,12 +248,15 @@ def evaluate(model_path: str, test: Sequence[str] | None = None, triggered: Sequ
         r = _predict_shards(model_path, triggered, dc, spec, C)
         ok = r["ok"].astype(bool)
         n_q += int((~ok & r["sample"].astype(bool)).sum())
-        tgt = np.where(r["target"] >= 0, r["target"], -1 if target is None else int(target))
-        if (tgt[ok] < 0).any():
-            raise ConfigError(f"{int((tgt[ok] < 0).sum())} triggered samples name no target in .json: give --target")
+        anywrong = r["target"] == ANY_WRONG  # untargeted: success = any class but the true one
+        tgt = np.where((r["target"] >= 0) | anywrong, r["target"], -1 if target is None else int(target))
+        missing = ok & ((tgt == -1) | (tgt < ANY_WRONG))
+        if missing.any():
+            raise ConfigError(f"{int(missing.sum())} triggered samples name no target in .json: give --target")
         use = ok & (r["label"] != tgt)
         n_trig = int(use.sum())
-        asr = float((r["pred"][use] == tgt[use]).mean()) if n_trig else None
+        hit = np.where(anywrong, r["pred"] != r["label"], r["pred"] == tgt)
+        asr = float(hit[use].mean()) if n_trig else None
     res = EvalResult(acc=acc, asr=asr, n_test=n_test, n_triggered=n_trig, n_quarantined=n_q)
     log.info("evaluate %s: %s", model_path, res.to_dict())
     return res

@@ -1,0 +1,169 @@
+"""The cross-class detector's math: poison spread over every class (all-to-all, untargeted) seen as
+"mislabelled *and* sharing something".
+
+CT decides per class, so poison spread over all classes escapes it (and at 1% an all-to-all or untargeted
+backdoor is often not even learned by f_base: the poison then sits in D as mislabelled images that carry a
+trigger). This detector looks for exactly that, in three steps, each mergeable or bounded:
+
+1. **Suspects by loss.** ``tau_loss`` = the ``q_loss`` quantile of f_base's loss on the trusted reserve R
+   (held out from f_base's training, so its losses are an upper reference for clean data): a sample of D
+   that f_base fits worse than that is a suspect (natural hard or ambiguous samples are too).
+2. **What the suspects share.** Activation features h (f_base's pooled block outputs) of all of D and of
+   the suspects, as mergeable moments (:class:`~ctray.core.pca.FeatureMoments` with two groups: 0 = the
+   rest, 1 = the suspects). The Fisher direction ``v = (Sigma_D + ridge) ^ -1 (mu_S - mu_D)`` separates the
+   suspects from D; poison shares its trigger, so it lies far along v, while hard clean samples differ in
+   every direction. The score is ``s = (h - mu_D) . v``, scaled to unit variance over D: **higher = more
+   suspicious**. Cross-fitted: D is split in two halves by sample-id hash, each half's direction scores
+   the other half, so a sample's score never comes from a direction fitted on it (a direction fitted on
+   its own suspects scores them higher than any held-out sample: measured on 4,000 clean samples, 45
+   crossings where the reserve predicted 8).
+3. **A test, then the flags.** ``tau_score`` = the ``q_score`` quantile of R's scores; a sample is flagged
+   when ``loss > tau_loss`` and ``s > tau_score``. R tells how often a clean sample crosses both
+   (``k_ref`` of ``n_ref``); the flags stand only when D holds significantly more (one-sided binomial test at
+   ``alpha`` against the rate ``(k_ref + 1) / (n_ref + 1)``); otherwise nothing is flagged.
+
+Measured (docs/results.md, Fashion-MNIST 10k): all-to-all and untargeted badnet at 1% TPR 0.92-0.97 at FPR
+0.1%, and no attack 0 flagged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import binom
+
+from ctray.core.pca import FeatureMoments
+from ctray.errors import ConfigError, DataError
+
+#: the two groups of the moments: 0 = samples at or under ``tau_loss``, 1 = the suspects
+REST, SUSPECT = 0, 1
+#: seed of the cross-fitting halves (``ctray.core.actstats.hash_split`` of the sample id)
+HALF_SEED = 0x5EC7
+
+
+def group_of(half: np.ndarray, suspect: np.ndarray) -> np.ndarray:
+    """Moment group ``2 * half + suspect`` (int64 (B,), in [0, 4)) of each row: cross-fitting keeps one
+    two-group moment set per half of D (by sample-id hash)."""
+    return 2 * np.asarray(half, dtype=np.int64) + np.asarray(suspect, dtype=np.int64)
+
+
+def half_moments(moments: FeatureMoments, half: int) -> FeatureMoments:
+    """The two-group moments of one half out of the four-group moments of :func:`group_of`."""
+    if moments.num_classes != 4 or half not in (0, 1):
+        raise DataError(f"half_moments needs four-group moments and half 0 or 1, got {moments.num_classes} / {half}")
+    g = slice(2 * half, 2 * half + 2)
+    return FeatureMoments(moments.count[g].copy(), moments.sum[g].copy(), moments.outer[g].copy())
+
+
+def loss_threshold(loss_ref: np.ndarray, q: float) -> float:
+    """``tau_loss``: the ``q`` quantile (in (0, 1)) of the reserve's losses ``float (M,)``, M >= 1."""
+    x = np.asarray(loss_ref, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0 or not np.isfinite(x).all():
+        raise DataError(f"reserve losses must be a non-empty finite 1-D array, got shape {x.shape}")
+    if not 0 < q < 1:
+        raise ConfigError(f"xclass.loss_quantile must be in (0, 1), got {q}")
+    return float(np.quantile(x, q))
+
+
+def fisher_direction(moments: FeatureMoments, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """The direction separating the suspects from all of D.
+
+    Args:
+        moments: two-group moments of D's features (group :data:`SUSPECT` = loss above ``tau_loss``).
+        ridge: added to the covariance's diagonal as ``ridge * trace / D`` (>= 0; keeps the solve stable
+            for dead or constant channels).
+
+    Returns:
+        ``(mean float64 (D,), v float64 (D,))``: D's feature mean and the direction, scaled so that
+        ``(h - mean) . v`` has unit variance over D. ``v`` is all zeros when there are no suspects or
+        the suspects' mean equals D's.
+
+    Raises:
+        DataError: not two groups, or fewer than 2 samples in D.
+    """
+    if moments.num_classes != 2:
+        raise DataError(f"fisher_direction needs two-group moments, got {moments.num_classes}")
+    n = int(moments.count.sum())
+    if n < 2:
+        raise DataError(f"fisher_direction needs at least 2 samples, got {n}")
+    if ridge < 0:
+        raise ConfigError(f"xclass.ridge must be >= 0, got {ridge}")
+    s, o = moments.sum.sum(0), moments.outer.sum(0)
+    mean = s / n
+    cov = o / n - np.outer(mean, mean)
+    d = len(mean)
+    n_s = int(moments.count[SUSPECT])
+    if n_s == 0:
+        return mean, np.zeros(d)
+    diff = moments.sum[SUSPECT] / n_s - mean
+    reg = cov + (ridge * max(float(np.trace(cov)), 1e-12) / d) * np.eye(d)
+    v = np.linalg.solve(reg, diff)
+    var = float(v @ cov @ v)
+    if not np.isfinite(var) or var <= 0:
+        return mean, np.zeros(d)
+    return mean, v / math.sqrt(var)
+
+
+def project(features: np.ndarray, mean: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``s = (h - mean) . v`` for ``features float (B, D)``; returns float64 (B,) (higher = more suspicious)."""
+    h = np.asarray(features, dtype=np.float64)
+    return (h - mean) @ v
+
+
+@dataclass
+class XClassDecision:
+    """The detector's outcome (``decisions.json["xclass"]``).
+
+    ``tau_loss`` / ``tau_score``: the reserve's quantiles; ``n`` / ``k``: samples of D scored / crossing
+    both; ``n_ref`` / ``k_ref``: the same on the reserve; ``expected``: k under the reserve's rate;
+    ``p_value``: P(K >= k) for K ~ Binomial(n, (k_ref + 1) / (n_ref + 1)); ``attack``: p_value < alpha, when
+    the k samples are flagged (else none); ``n_suspects``: samples of D above ``tau_loss``.
+    """
+
+    tau_loss: float
+    tau_score: float
+    n: int
+    k: int
+    n_ref: int
+    k_ref: int
+    n_suspects: int
+    expected: float
+    p_value: float
+    alpha: float
+    attack: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide_xclass(k: int, n: int, k_ref: int, n_ref: int, alpha: float, tau_loss: float, tau_score: float,
+                  n_suspects: int) -> XClassDecision:
+    """Whether ``k`` of ``n`` samples of D crossing both thresholds is more than clean data explains.
+
+    ``k_ref`` of ``n_ref`` reserve samples cross them; the rate ``(k_ref + 1) / (n_ref + 1)`` (one added
+    crossing: a reserve that never crosses still allows some) gives the one-sided binomial p-value.
+    Raises ConfigError when ``alpha`` is not in (0, 1) and DataError on counts out of range."""
+    if not 0 < alpha < 1:
+        raise ConfigError(f"xclass.alpha must be in (0, 1), got {alpha}")
+    if not (0 <= k <= n and 0 <= k_ref <= n_ref and n_ref >= 1):
+        raise DataError(f"counts out of range: k={k} of n={n}, k_ref={k_ref} of n_ref={n_ref}")
+    p0 = (k_ref + 1) / (n_ref + 1)
+    p = float(binom.sf(k - 1, n, p0)) if k > 0 else 1.0
+    return XClassDecision(tau_loss=float(tau_loss), tau_score=float(tau_score), n=int(n), k=int(k),
+                          n_ref=int(n_ref), k_ref=int(k_ref), n_suspects=int(n_suspects), expected=float(n * p0),
+                          p_value=p, alpha=float(alpha), attack=bool(p < alpha))
+
+
+#: ``flagged_by`` codes in scores.parquet: bit 0 = CT, bit 1 = the cross-class detector
+FLAGGED_BY = ("", "ct", "xclass", "ct+xclass")
+
+
+def flagged_by(ct: np.ndarray, xclass: np.ndarray) -> np.ndarray:
+    """int8 (N,) codes into :data:`FLAGGED_BY` from two bool (N,) flag arrays."""
+    a, b = np.asarray(ct, dtype=bool), np.asarray(xclass, dtype=bool)
+    if a.shape != b.shape:
+        raise DataError(f"flag arrays differ in shape: {a.shape} vs {b.shape}")
+    return (a.astype(np.int8) | (b.astype(np.int8) << 1)).astype(np.int8)

@@ -1,0 +1,130 @@
+"""The cross-class detector's math (ctray.core.xclass) against direct NumPy / SciPy computations, on
+constructed inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import binom
+
+from ctray.core.pca import FeatureMoments
+from ctray.core.xclass import (
+    FLAGGED_BY,
+    REST,
+    SUSPECT,
+    decide_xclass,
+    fisher_direction,
+    flagged_by,
+    group_of,
+    half_moments,
+    loss_threshold,
+    project,
+)
+from ctray.errors import ConfigError, DataError
+
+
+def _moments(h: np.ndarray, suspect: np.ndarray, batches: int = 1) -> FeatureMoments:
+    m = FeatureMoments.zeros(2, h.shape[1])
+    for part in np.array_split(np.arange(len(h)), batches):
+        m.update(h[part], np.where(suspect[part], SUSPECT, REST))
+    return m
+
+
+def test_fisher_direction_matches_a_direct_computation_and_merges_over_batches():
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6))
+    sus = rng.random(500) < 0.2
+    mean, v = fisher_direction(_moments(h, sus), ridge=0.01)
+    cov = np.cov(h, rowvar=False, bias=True)
+    direct = np.linalg.solve(cov + 0.01 * np.trace(cov) / 6 * np.eye(6), h[sus].mean(0) - h.mean(0))
+    direct /= np.sqrt(direct @ cov @ direct)
+    np.testing.assert_allclose(mean, h.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(v, direct, rtol=1e-8)
+    s = project(h, mean, v)
+    assert abs(s.mean()) < 1e-9 and abs(s.std() - 1) < 1e-9  # unit variance over D
+    # the same from 7 partial moments merged in another order (what the workers send)
+    parts = [_moments(h[i::7], sus[i::7]) for i in range(7)]
+    total = parts[3]
+    for p in parts[:3] + parts[4:]:
+        total = total.merge(p)
+    mean2, v2 = fisher_direction(total, ridge=0.01)
+    np.testing.assert_allclose(v2, v, rtol=1e-8)
+
+
+def test_shared_trigger_among_suspects_is_what_the_direction_finds():
+    """1,000 clean samples, 60 hard clean ones (suspects by loss, features noisy in every direction), 20
+    poison (suspects too, sharing a shift of 6 on feature 3): the poison scores highest."""
+    rng = np.random.default_rng(1)
+    h = rng.normal(size=(1080, 8))
+    h[1000:1060] += rng.normal(scale=1.5, size=(60, 8))
+    h[1060:, 3] += 6.0
+    sus = np.zeros(1080, bool)
+    sus[1000:] = True
+    mean, v = fisher_direction(_moments(h, sus, batches=5), ridge=1e-3)
+    s = project(h, mean, v)
+    assert np.argmax(np.abs(v)) == 3 and v[3] > 0
+    rank = np.argsort(np.argsort(-s))
+    assert (rank[1060:] < 20).sum() >= 16 and (rank[1060:] < 30).all()  # the hard ones blur the mean a little
+
+
+def test_no_suspect_or_no_difference_gives_a_zero_direction():
+    h = np.random.default_rng(2).normal(size=(50, 3))
+    _, v = fisher_direction(_moments(h, np.zeros(50, bool)), 1e-3)
+    assert not v.any()
+    with pytest.raises(DataError, match="two-group"):
+        fisher_direction(FeatureMoments.zeros(3, 2), 1e-3)
+    with pytest.raises(ConfigError, match="ridge"):
+        fisher_direction(_moments(h, np.ones(50, bool)), -1)
+
+
+def test_loss_threshold_is_the_reserve_quantile():
+    x = np.arange(101, dtype=np.float32)
+    assert loss_threshold(x, 0.95) == pytest.approx(95.0)
+    with pytest.raises(ConfigError, match="loss_quantile"):
+        loss_threshold(x, 1.0)
+    with pytest.raises(DataError, match="non-empty finite"):
+        loss_threshold(np.array([1.0, np.nan]), 0.5)
+
+
+@pytest.mark.parametrize(("k", "n", "k_ref", "n_ref"), [(12, 10000, 0, 1000), (105, 10000, 0, 1000),
+                                                         (3, 500, 2, 500), (0, 100, 0, 10)])
+def test_decision_is_a_one_sided_binomial_test_against_the_reserve_rate(k, n, k_ref, n_ref):
+    d = decide_xclass(k, n, k_ref, n_ref, 1e-3, 1.5, 2.0, 400)
+    p0 = (k_ref + 1) / (n_ref + 1)
+    want = 1.0 if k == 0 else binom.sf(k - 1, n, p0)
+    assert d.p_value == pytest.approx(want, rel=1e-9)
+    assert d.expected == pytest.approx(n * p0) and d.attack == (want < 1e-3)
+    assert set(d.to_json()) >= {"tau_loss", "tau_score", "k", "k_ref", "p_value", "attack", "n_suspects"}
+
+
+def test_the_measured_cases_decide_as_reported():
+    # Fashion-MNIST 10k (docs/results.md): no attack 12 crossings, all-to-all 105, reserve 0 of 1,000
+    assert not decide_xclass(12, 10000, 0, 1000, 1e-3, 1, 1, 387).attack
+    assert decide_xclass(105, 10000, 0, 1000, 1e-3, 1, 1, 496).attack
+    with pytest.raises(DataError, match="out of range"):
+        decide_xclass(5, 4, 0, 10, 1e-3, 1, 1, 0)
+    with pytest.raises(ConfigError, match="alpha"):
+        decide_xclass(1, 4, 0, 10, 0.0, 1, 1, 0)
+
+
+def test_flagged_by_codes():
+    ct = np.array([0, 1, 0, 1], bool)
+    x = np.array([0, 0, 1, 1], bool)
+    assert [FLAGGED_BY[c] for c in flagged_by(ct, x)] == ["", "ct", "xclass", "ct+xclass"]
+    with pytest.raises(DataError):
+        flagged_by(ct, x[:3])
+
+
+def test_half_moments_split_the_four_groups():
+    rng = np.random.default_rng(3)
+    h = rng.normal(size=(200, 4))
+    half, sus = rng.random(200) < 0.5, rng.random(200) < 0.3
+    m = FeatureMoments.zeros(4, 4)
+    m.update(h, group_of(half, sus))
+    for side in (0, 1):
+        direct = _moments(h[half == bool(side)], sus[half == bool(side)])
+        got = half_moments(m, side)
+        np.testing.assert_array_equal(got.count, direct.count)
+        np.testing.assert_allclose(got.outer, direct.outer)
+    with pytest.raises(DataError, match="four-group"):
+        half_moments(direct, 0)
