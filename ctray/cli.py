@@ -61,7 +61,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--in", dest="in_dir", required=True)
     pp.add_argument("--out", required=True)
     pp.add_argument("--attack", required=True)
-    pp.add_argument("--rate", type=float, default=0.01, help="poison rate, fraction of the train set")
+    pp.add_argument("--rate", default="0.01", help="poison rate, fraction of the train set; 'paper' = the paper's "
+                    "poison and cover rates for the attack (specs/ct.md §3, e.g. badnet 0.003, wanet 0.05 + 0.10 covers)")
     pp.add_argument("--target", type=int, default=0)
     pp.add_argument("--seed", type=int, default=0)
     pp.add_argument("--cover-rate", type=float, default=None, help="cover samples (attacks with covers)")
@@ -72,12 +73,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 def _run_data(args: argparse.Namespace) -> int:
     if args.source == "poison":
+        from ctray.data.attacks import resolve_rate
         from ctray.data.poison import poison_dataset
 
-        opts = _parse_kv(args.options)
+        rate, paper_opts = resolve_rate(args.attack, args.rate)  # "paper": the paper's poison and cover rates
+        opts: dict[str, object] = {**paper_opts, **_parse_kv(args.options)}
         if args.cover_rate is not None:
             opts["cover_rate"] = args.cover_rate
-        summary = poison_dataset(args.in_dir, args.out, args.attack, rate=args.rate, target=args.target,
+        summary = poison_dataset(args.in_dir, args.out, args.attack, rate=rate, target=args.target,
                                  seed=args.seed, options=opts, concentrate=args.concentrate)
     else:
         from ctray.data.sources import make_dataset
@@ -182,10 +185,32 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 
 def _run_presets(args: argparse.Namespace) -> int:
-    from ctray.config import list_presets, load_preset
+    from ctray.config import list_presets, load_config, load_preset
+    from ctray.core.cost import schedule_cost
 
+    if args.verbose_presets:
+        for name in list_presets():
+            print(f"{name}: {load_preset(name)}")
+        return 0
+    n = int(args.n)
+    ref = None
+    rows = []
     for name in list_presets():
-        print(f"{name}: {load_preset(name)}")
+        c = load_config(name)
+        cost = schedule_cost(c.base.epochs, c.ct.pretrain_epochs, c.ct.keep_ratio, c.ct.iters, c.ct.batch_size,
+                             c.xclass.enabled)
+        if name == "reference-cifar":
+            ref = cost
+        rows.append((name, c, cost))
+    print(f"Cost per preset at N = {n:,} (training passes over D grow with N; confusion samples do not):")
+    print(f"{'preset':<24} {'models (f_base / CT)':<28} {'train passes':>12} {'f_base':>7} {'pretrain':>8} "
+          f"{'confusion samples':>17} {'forward passes':>14} {'vs reference':>12}")
+    for name, c, cost in rows:
+        rel = f"1/{ref.sample_steps(n) / cost.sample_steps(n):.0f}" if ref and name != "reference-cifar" else "1"
+        print(f"{name:<24} {c.base.arch + ' / ' + c.ct.arch:<28} {cost.train_passes:>12.1f} {cost.fbase_passes:>7.1f} "
+              f"{cost.pretrain_passes:>8.1f} {cost.confusion_samples:>17,} {cost.forward_passes:>14} {rel:>12}")
+    print("(vs reference: all training samples through the model at this N; floors n_c // floor_k left out; "
+          "`ctray presets --yaml` prints the presets themselves)")
     return 0
 
 
@@ -308,7 +333,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("grid over attacks")
     g.add_argument("--base", default=None, metavar="DATA_DIR", help="a clean set made by `ctray data`")
     g.add_argument("--attacks", default=None, help="comma list of attacks, or 'all'; a 'none' cell is added")
-    g.add_argument("--rate", type=float, default=0.01, help="poison rate of every attack")
+    g.add_argument("--rate", default="0.01", help="poison rate of every attack, or 'paper': each attack at the "
+                   "paper's poison and cover rates (attacks outside the paper's grid at 0.01)")
     g.add_argument("--target", type=int, default=0, help="attack target class")
     g.add_argument("--seed", type=int, default=0, help="poisoning seed")
     p.add_argument("--out", required=True, help="bench directory (re-running with it skips finished work)")
@@ -522,7 +548,9 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="(re)write report.html of a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=_run_report)
-    p = sub.add_parser("presets", help="list the named presets")
+    p = sub.add_parser("presets", help="list the named presets and what each costs at a given N")
+    p.add_argument("--n", default="1000000", help="training set size for the cost table (default 1,000,000)")
+    p.add_argument("--yaml", dest="verbose_presets", action="store_true", help="print each preset's settings")
     p.set_defaults(func=_run_presets)
     _add_bench(sub)
     _add_sweep(sub)

@@ -290,3 +290,23 @@ def test_poison_dataset_errors(digits_dir, tmp_path):
     first = open(os.path.join(out, "train-000000.tar"), "rb").read()
     poison_dataset(digits_dir, out, "blend", 0.01, 0, 0, {"alpha": 0.3})
     assert open(os.path.join(out, "train-000000.tar"), "rb").read() == first
+
+
+def test_paper_rates_one_switch(digits_dir, tmp_path, capsys):
+    """`--rate paper`: each attack at the paper's poison and cover rates (specs/ct.md §3), through the CLI."""
+    from ctray.cli import main
+    from ctray.data.attacks import PAPER_RATES, resolve_rate
+
+    assert resolve_rate("wanet", "paper") == (0.05, {"cover_rate": 0.10})
+    assert resolve_rate("badnet", "paper") == (0.003, {})
+    assert resolve_rate("badnet", "0.02") == (0.02, {})
+    assert resolve_rate("untargeted", "paper", fallback=0.01) == (0.01, {})
+    with pytest.raises(DataError, match="not in the paper's grid"):
+        resolve_rate("untargeted", "paper")
+    with pytest.raises(DataError, match="or 'paper'"):
+        resolve_rate("badnet", "lots")
+    assert set(PAPER_RATES) <= set(ATTACKS)
+    out = str(tmp_path / "w")
+    assert main(["-q", "data", "poison", "--in", digits_dir, "--out", out, "--attack", "wanet", "--rate", "paper"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["n_poison"] == round(0.05 * 400) and info["n_cover"] == round(0.10 * 400), info

@@ -629,6 +629,37 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
     Untargeted())}
 
 
+#: The paper's CIFAR-10 poison and cover rates per attack (specs/ct.md §3, "Experimental grid"; cover None =
+#: the attack has no covers, or its own default). ``badnet-all2all`` and ``untargeted`` are not in the
+#: paper's grid.
+PAPER_RATES: dict[str, tuple[float, float | None]] = {
+    "badnet": (0.003, None), "blend": (0.003, None), "trojan": (0.003, None), "sig": (0.02, None),
+    "wanet": (0.05, 0.10), "tact": (0.003, 0.003), "adaptive-patch": (0.003, 0.006),
+    "adaptive-blend": (0.003, 0.003)}
+
+
+def resolve_rate(attack: str, rate: float | str, fallback: float | None = None) -> tuple[float, dict[str, float]]:
+    """``(poison rate, attack options)`` for ``rate``: a fraction in [0, 1], or ``"paper"`` for the paper's
+    per-attack poison and cover rates (:data:`PAPER_RATES`; the cover rate as the ``cover_rate`` option).
+
+    Raises:
+        DataError: ``"paper"`` for an attack outside the paper's grid and no ``fallback``, or a rate that
+            is neither a number nor ``"paper"``.
+    """
+    if isinstance(rate, str) and rate.strip().lower() == "paper":
+        if attack not in PAPER_RATES:
+            if fallback is None:
+                raise DataError(f"attack {attack!r} is not in the paper's grid (specs/ct.md §3: "
+                                f"{', '.join(PAPER_RATES)}); give --rate as a number")
+            return float(fallback), {}
+        r, c = PAPER_RATES[attack]
+        return r, ({"cover_rate": c} if c is not None else {})
+    try:
+        return float(rate), {}
+    except (TypeError, ValueError):
+        raise DataError(f"rate must be a fraction in [0, 1] or 'paper', got {rate!r}") from None
+
+
 def get_attack(name: str, options: dict[str, Any] | None = None) -> Attack:
     """The attack ``name`` of :data:`ATTACKS` configured with ``options``.
 

@@ -181,7 +181,7 @@ def run_cell(cell: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, A
 
         log.info("bench %s: planting %s at rate %g (target %d) -> %s", name, p["attack"], p["rate"], p["target"], p["data"])
         poison_dataset(p["base"], p["data"], p["attack"], rate=p["rate"], target=p["target"], seed=p["seed"],
-                       options={})
+                       options=p.get("options") or {})
     cfg = _cell_config(cell, settings)
     fp = _fingerprint(cfg, cell, settings)
     marker = os.path.join(out, "cell.json")
@@ -360,7 +360,7 @@ def _test_shards(data_dir: str) -> tuple[list[str], list[str]]:
 def bench(out: str, *, train: Sequence[str] | None = None, clean: Sequence[str] | None = None,
           truth: str | None = None, test: Sequence[str] | None = None, triggered: Sequence[str] | None = None,
           name: str | None = None, base: str | None = None, attacks: Sequence[str] | str | None = None,
-          rate: float = 0.01, target: int = 0, poison_seed: int = 0, methods: Sequence[str] = METHODS,
+          rate: float | str = 0.01, target: int = 0, poison_seed: int = 0, methods: Sequence[str] = METHODS,
           preset: str | None = None, overrides: dict[str, Any] | None = None, retrain: bool = False) -> BenchResult:
     """Compare CT with the baselines; write ``bench.parquet``, ``bench.md`` and ``bench.png`` under ``out``.
 
@@ -370,7 +370,9 @@ def bench(out: str, *, train: Sequence[str] | None = None, clean: Sequence[str] 
       ``triggered`` for retraining, else ``test-0*.tar`` / ``test-triggered-*.tar`` beside the first
       train shard); the cell is named ``name``, else the truth's ``attack`` column, else ``data``.
     - a grid: ``base`` (a clean set from ``ctray data``) and ``attacks`` (names, a comma list, or
-      ``"all"`` = every shipped attack); each attack is planted at ``rate`` on class ``target`` with
+      ``"all"`` = every shipped attack); each attack is planted at ``rate`` (a fraction, or ``"paper"``: the
+      paper's poison and cover rates per attack, :data:`ctray.data.attacks.PAPER_RATES`; attacks outside the
+      paper's grid at 0.01) on class ``target`` with
       ``poison_seed`` into ``out/data/<attack>``, and a ``none`` cell (the clean base set) is added.
 
     Args:
@@ -389,7 +391,7 @@ def bench(out: str, *, train: Sequence[str] | None = None, clean: Sequence[str] 
             results already in ``out``.
         DataError: unreadable inputs.
     """
-    from ctray.data.attacks import ATTACKS
+    from ctray.data.attacks import ATTACKS, resolve_rate
     from ctray.engine.cluster import ensure_ray
     from ctray.engine.ground import choose_preset
 
@@ -429,8 +431,9 @@ def bench(out: str, *, train: Sequence[str] | None = None, clean: Sequence[str] 
                 "truth": None if a == "none" else os.path.join(data, "truth.parquet"),
                 "test": t, "triggered": trg}
             if a != "none":
-                cell["poison"] = {"base": base, "data": data, "attack": a, "rate": float(rate), "target": int(target),
-                                  "seed": int(poison_seed)}
+                r, opts = resolve_rate(a, rate, fallback=0.01)
+                cell["poison"] = {"base": base, "data": data, "attack": a, "rate": r, "target": int(target),
+                                  "seed": int(poison_seed), **({"options": opts} if opts else {})}
             cells.append(cell)
         probe = [os.path.join(base, "train-*.tar")]
     else:

@@ -1,0 +1,44 @@
+"""Schedule cost (ctray.core.cost) against the hand sums of specs/ct.md's reference and the shipped presets,
+and the `ctray presets` table that shows it."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctray.cli import main
+from ctray.config import load_config
+from ctray.core.cost import schedule_cost
+from ctray.errors import ConfigError
+
+
+def _cost(name: str):
+    c = load_config(name)
+    return schedule_cost(c.base.epochs, c.ct.pretrain_epochs, c.ct.keep_ratio, c.ct.iters, c.ct.batch_size,
+                         c.xclass.enabled)
+
+
+def test_reference_and_small_match_the_hand_sums():
+    ref = _cost("reference-cifar")
+    # f_base 100 + pretraining 100 on N, 100 on N/2, 40 on N/5, N/25, N/50, N/100
+    assert ref.train_passes == pytest.approx(100 + 100 + 50 + 8 + 1.6 + 0.8 + 0.4)
+    assert ref.confusion_samples == (4 * 6000 + 2 * 2000) * 32 and ref.forward_passes == 8
+    small = _cost("small")
+    assert small.train_passes == pytest.approx(8 + 6 + 3 + 0.8 + 0.16 + 0.08 + 0.04)
+    assert small.forward_passes == 10  # + the cross-class detector's two passes over D
+    assert ref.sample_steps(10**7) / small.sample_steps(10**7) == pytest.approx(14.4, rel=0.01)
+
+
+def test_schedule_cost_rejects_lists_that_disagree():
+    with pytest.raises(ConfigError, match="disagree"):
+        schedule_cost(1, [1, 1], [0.5, 0.2], [10, 10], 32)
+    with pytest.raises(ConfigError, match=">= 0"):
+        schedule_cost(-1, [1], [], [10], 32)
+
+
+def test_presets_prints_the_cost_table(capsys):
+    assert main(["presets", "--n", "1000000"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("reference-cifar "))
+    assert "260.8" in line and "896,000" in line
+    assert next(x for x in out.splitlines() if x.startswith("small ")).split()[-1] == "1/14"
+    assert main(["presets", "--yaml"]) == 0 and "small-cnn: {" in capsys.readouterr().out
