@@ -419,8 +419,8 @@ class XClassConfig:
     alpha: float = 1e-3
     ridge: float = 1e-3  # covariance regulariser, x trace / D
     # features: f_base's pooled block outputs (avg + max per channel, as act.*), earliest blocks first,
-    # cut at this many columns (the moments are max_dims^2 floats per batch: 1024 -> 8 MB)
-    max_dims: int = 1024
+    # cut at this many columns (4 x max_dims^2 float64 moments per 8,192 rows: 512 -> 8 MB)
+    max_dims: int = 512
 
 
 @dataclass

@@ -3,9 +3,10 @@ activations, streamed through Ray Data in four forward passes, none of which bri
 vector to the driver.
 
 1. R: per-sample loss -> ``tau_loss`` (R is the small trusted reserve: its losses reach the driver).
-2. D: feature moments in four groups (loss <= / > ``tau_loss``, in each half of D by sample-id hash), one
-   pickled blob per batch, merged on the driver (4 x ``max_dims`` squared floats per batch) -> one Fisher
-   direction per half; each half is scored with the other half's (cross-fitting).
+2. D: feature moments in four groups (loss <= / > ``tau_loss``, in each half of D by sample-id hash): the
+   scoring tasks pass float32 features on to a merge step that makes one pickled blob per 8,192 rows
+   (4 x ``max_dims`` squared floats), merged on the driver -> one Fisher direction per half; each half
+   is scored with the other half's (cross-fitting).
 3. R: per-sample score -> ``tau_score``, and how many reserve samples cross both thresholds.
 4. D: per sample the score and whether it crosses both (4 + 1 bytes a sample to the driver, written into
    the caller's arrays by sample id).
@@ -47,8 +48,8 @@ __all__ = ["XClassResult", "xclass_scores"]
 
 
 class _XMapper:
-    """``map_batches`` callable holding f_base. ``op``: ``"loss"`` -> ``sid, loss``; ``"moments"`` -> one
-    pickled two-group :class:`FeatureMoments` per batch (``blob``); ``"score"`` -> ``sid, loss, score, hit``
+    """``map_batches`` callable holding f_base. ``op``: ``"loss"`` -> ``sid, loss``; ``"features"`` -> ``h``
+    float32 (B, D) and its moment ``group`` (:func:`~ctray.core.xclass.group_of`); ``"score"`` -> ``sid, loss, score, hit``
     (``hit`` = loss > tau_loss and score > tau_score)."""
 
     def __init__(self, model_path: str, threads: int, max_dims: int, op: str, payload: dict[str, Any]):
@@ -87,10 +88,8 @@ class _XMapper:
         loss, h = self._forward(batch, True)
         assert h is not None
         half = hash_split(np.asarray(batch["sid"], np.int64), 0.5, HALF_SEED)
-        if self.op == "moments":
-            m = FeatureMoments.zeros(4, h.shape[1])
-            m.update(h, group_of(half, loss > self.p["tau_loss"]))
-            return {"blob": np.array([pickle.dumps(m)], dtype=object)}
+        if self.op == "features":  # merged into moments by _moments_blob over larger batches
+            return {"h": h.astype(np.float32), "group": group_of(half, loss > self.p["tau_loss"]).astype(np.int8)}
         s = np.empty(len(h), np.float32)
         for side in (0, 1):  # each half is scored with the direction fitted on the other half
             rows = half == bool(side)
@@ -98,6 +97,19 @@ class _XMapper:
             s[rows] = project(h[rows], mean, v)
         hit = (loss > self.p["tau_loss"]) & (s > self.p["tau_score"])
         return {"sid": batch["sid"], "loss": loss, "score": s, "hit": hit}
+
+
+def _moments_blob(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Four-group moments of a batch of ``h`` rows, as one pickled blob (one per up to
+    :data:`MOMENT_ROWS` rows: a blob is 4 x D x D float64, so few large batches, not one per scoring batch)."""
+    h = np.asarray(batch["h"], dtype=np.float64)
+    m = FeatureMoments.zeros(4, h.shape[1])
+    m.update(h, np.asarray(batch["group"], dtype=np.int64))
+    return {"blob": np.array([pickle.dumps(m)], dtype=object)}
+
+
+#: rows per moment blob: 8,192 rows of 448 features (small CNN) -> one 6.4 MB blob (0.8 KB a row)
+MOMENT_ROWS = 8192
 
 
 @dataclass
@@ -141,8 +153,9 @@ def xclass_scores(model_path: str, shards: Sequence[str], clean_shards: Sequence
     tau_loss = loss_threshold(ref["loss"], xc.loss_quantile)
     ds, _ = read_for_model(shards, model_path, cfg, "train")
     total: FeatureMoments | None = None
-    for b in _pass(ds, model_path, cfg, "moments", {"tau_loss": tau_loss}).iter_batches(batch_size=None,
-                                                                                        batch_format="numpy"):
+    feats = _pass(ds, model_path, cfg, "features", {"tau_loss": tau_loss})
+    blobs = feats.map_batches(_moments_blob, batch_size=MOMENT_ROWS, batch_format="numpy", num_cpus=cfg.data.read_cpus)
+    for b in blobs.iter_batches(batch_size=None, batch_format="numpy"):
         for blob in b["blob"]:
             m = pickle.loads(blob)
             total = m if total is None else total.merge(m)
