@@ -78,7 +78,7 @@ def test_result_ladder_matches_the_run_directory(readme_run):
 # tests/test_job_submit.py (make test-all: it starts its own head).
 IN_PROCESS = {
     "quickstart.py": ([], r"\d+ of \d+ samples flagged.*wrote \d+ samples"),
-    "sweep.py": (["--trials", "2", "--detect", "sweep.baseline=false"],
+    "sweep.py": (["--trials", "1", "--detect", "sweep.baseline=false"],
                  r"recommended config: .*best\.yaml.*detect with it: \d+ of \d+ samples flagged"),
     "audit_repair.py": (["repair.steps=20", "audit.steps_per_class=3", "audit.classes=[0,1]"],
                         r"suspect +clean accuracy 0\.\d+.*audit: score .*repaired +clean accuracy"),

@@ -31,10 +31,16 @@ def fm_all2all(fm_base, tmp_path_factory):
     return d
 
 
-def _run(data: str, tmp_path):
+@pytest.fixture(scope="module")
+def clean_fbase(fm_base, tmp_path_factory):
+    """f_base of the clean 4,000 (never saw a trigger): the no-attack case and the untargeted ASR check."""
+    return _fbase(fm_base, str(tmp_path_factory.mktemp("clean") / "fbase.pt"))
+
+
+def _run(data: str, tmp_path, fbase=None):
     from ctray.engine.xclass import xclass_scores
 
-    ckpt, cfg = _fbase(data, str(tmp_path / "fbase.pt"))
+    ckpt, cfg = fbase or _fbase(data, str(tmp_path / "fbase.pt"))
     return xclass_scores(ckpt, [f"{data}/train-*.tar"], [f"{data}/clean-*.tar"], cfg)
 
 
@@ -61,13 +67,13 @@ def test_all_to_all_poison_is_found(fm_all2all, tmp_path):
     assert np.median(res.score[poison]) > np.quantile(res.score[~poison], 0.99)
 
 
-def test_no_attack_flags_nothing(fm_base, tmp_path):
-    res = _run(fm_base, tmp_path)
+def test_no_attack_flags_nothing(fm_base, clean_fbase, tmp_path):
+    res = _run(fm_base, tmp_path, clean_fbase)
     assert not res.decision.attack, res.decision
     assert res.decision.k <= 3 * res.decision.expected + 5
 
 
-def test_untargeted_attack_success_counts_any_wrong_class(tmp_path, fm_base):
+def test_untargeted_attack_success_counts_any_wrong_class(tmp_path, fm_base, clean_fbase):
     """evaluate on test-triggered shards of `untargeted` (.json target = ANY_WRONG): a model that ignores
     the trigger succeeds exactly where it errs on the clean images."""
     from ctray.data.poison import poison_dataset
@@ -75,6 +81,5 @@ def test_untargeted_attack_success_counts_any_wrong_class(tmp_path, fm_base):
 
     d = str(tmp_path / "untargeted")
     poison_dataset(fm_base, d, "untargeted", rate=RATE, target=0, seed=0, options={})
-    ckpt, _ = _fbase(fm_base, str(tmp_path / "clean.pt"))  # never saw the trigger
-    ev = evaluate(ckpt, None, [f"{d}/test-triggered-*.tar"])
+    ev = evaluate(clean_fbase[0], None, [f"{d}/test-triggered-*.tar"])  # a model that never saw the trigger
     assert ev.n_triggered == 200 and 0 < ev.asr < 0.6, ev
