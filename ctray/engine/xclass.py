@@ -70,7 +70,7 @@ class _XMapper:
         from ctray.training.steps import to_input
 
         x = to_input(torch.from_numpy(np.array(batch["image"], copy=True)), self.spec.mean, self.spec.std)
-        y = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
+        y = torch.from_numpy(np.array(batch["label"], dtype=np.int64))  # a copy: Ray Data batches are read-only
         h: np.ndarray | None = None
         with torch.no_grad():
             if features:
