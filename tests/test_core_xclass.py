@@ -12,6 +12,7 @@ from ctray.core.xclass import (
     FLAGGED_BY,
     REST,
     SUSPECT,
+    choose_threshold,
     decide_xclass,
     fisher_direction,
     flagged_by,
@@ -128,3 +129,24 @@ def test_half_moments_split_the_four_groups():
         np.testing.assert_allclose(got.outer, direct.outer)
     with pytest.raises(DataError, match="four-group"):
         half_moments(direct, 0)
+
+
+def test_threshold_search_by_estimated_false_discovery_rate():
+    """80 poison crossings scored 5-6 and 30 clean ones scored 2-2.85; the reserve (1,000) has 3 clean
+    crossings at 2.2, 2.5, 2.9. fdr = 1: the base threshold alone (the measured default); fdr = 0.2: the
+    threshold rises past the reserve's crossings until expected / k <= 0.2."""
+    rng = np.random.default_rng(4)
+    hits = np.r_[rng.uniform(5, 6, 80), rng.uniform(2.0, 2.85, 30)]
+    ref = np.array([2.2, 2.5, 2.9])
+    base = choose_threshold(hits, 10000, ref, 1000, 2.0, 1e-3, 1.0, 1.5, 500)
+    want = decide_xclass(110, 10000, 3, 1000, 1e-3, 1.5, 2.0, 500)
+    assert base.attack and base.k == 110 and base.tau_score == 2.0 and base.p_value == pytest.approx(want.p_value)
+    strict = choose_threshold(hits, 10000, ref, 1000, 2.0, 1e-3, 0.2, 1.5, 500)
+    assert strict.attack and strict.tau_score == 2.9 and strict.k == 80 and strict.k_ref == 0
+    assert strict.est_fdr == pytest.approx(10000 / 1001 / 80)
+    # clean data: crossings no more than the reserve predicts at any threshold -> nothing flagged
+    calm = choose_threshold(rng.uniform(2.0, 3.0, 25), 10000, ref, 1000, 2.0, 1e-3, 0.2, 1.5, 500)
+    assert not calm.attack and calm.tau_score == 2.0
+    with pytest.raises(ConfigError, match="fdr"):
+        choose_threshold(hits, 10000, ref, 1000, 2.0, 1e-3, 0.0, 1.5, 500)
+    assert calm.to_json()["tau_base"] == 2.0

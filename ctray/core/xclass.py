@@ -134,9 +134,12 @@ class XClassDecision:
     p_value: float
     alpha: float
     attack: bool
+    tau_base: float = float("nan")  # the reserve's score quantile the threshold search starts from
+    est_fdr: float = float("nan")  # expected / k at the chosen threshold
+    fdr: float = 1.0
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
 def decide_xclass(k: int, n: int, k_ref: int, n_ref: int, alpha: float, tau_loss: float, tau_score: float,
@@ -155,6 +158,47 @@ def decide_xclass(k: int, n: int, k_ref: int, n_ref: int, alpha: float, tau_loss
     return XClassDecision(tau_loss=float(tau_loss), tau_score=float(tau_score), n=int(n), k=int(k),
                           n_ref=int(n_ref), k_ref=int(k_ref), n_suspects=int(n_suspects), expected=float(n * p0),
                           p_value=p, alpha=float(alpha), attack=bool(p < alpha))
+
+
+def choose_threshold(hit_scores: np.ndarray, n: int, ref_scores: np.ndarray, n_ref: int, tau_base: float,
+                     alpha: float, fdr: float, tau_loss: float, n_suspects: int) -> XClassDecision:
+    """The score threshold: the lowest at which D's crossings are both significant and mostly not what
+    clean data explains.
+
+    Args:
+        hit_scores: float (k,) scores of D's samples crossing ``tau_loss`` and ``tau_base``.
+        n: samples of D scored.
+        ref_scores: float (k_ref,) scores of the reserve's samples crossing both (its clean crossings).
+        n_ref: reserve samples scored.
+        tau_base: the reserve's ``score_quantile`` of the score (the lowest threshold considered).
+        alpha: level of the one-sided binomial test (see :func:`decide_xclass`).
+        fdr: largest accepted estimated false discovery rate ``expected / k``, in (0, 1]; 1 = no search:
+            ``tau_base`` alone, flagged when significant (the default: docs/results.md has both measured).
+
+    Candidates: ``tau_base`` and each reserve crossing's score (above it one clean crossing fewer is
+    expected): ``expected(t) = n (k_ref(t) + 1) / (n_ref + 1)``, the lowest candidate with
+    ``p < alpha`` and ``expected / k <= fdr`` wins; none -> no attack (the decision at ``tau_base``).
+    Raises ConfigError when ``fdr`` is not in (0, 1].
+    """
+    if not 0 < fdr <= 1:
+        raise ConfigError(f"xclass.fdr must lie in (0, 1], got {fdr}")
+    hs = np.sort(np.asarray(hit_scores, dtype=np.float64))
+    rs = np.sort(np.asarray(ref_scores, dtype=np.float64))
+    first: XClassDecision | None = None
+    # fdr = 1: the reserve quantile alone (one test, no search)
+    cands = [float(tau_base)] + ([float(x) for x in rs if x >= tau_base] if fdr < 1 else [])
+    for t in cands:
+        k = int(len(hs) - np.searchsorted(hs, t, side="right"))
+        k_ref = int(len(rs) - np.searchsorted(rs, t, side="right"))
+        d = decide_xclass(k, n, k_ref, n_ref, alpha, tau_loss, t, n_suspects)
+        d.tau_base, d.fdr = float(tau_base), float(fdr)
+        d.est_fdr = d.expected / k if k else float("inf")
+        first = first or d
+        if d.attack and d.est_fdr <= fdr:
+            return d
+    assert first is not None
+    first.attack = False
+    return first
 
 
 #: ``flagged_by`` codes in scores.parquet: bit 0 = CT, bit 1 = the cross-class detector

@@ -547,7 +547,7 @@ def _write_outputs(run: _Run, o: _Outcome, on_round: Callable[[dict[str, Any]], 
         xa = xfill.finish("cross-class pass")
         xdec, secs["xclass"] = xres.decision, xres.seconds
         x_fl = np.zeros(N, bool)
-        x_fl[:n] = xa["flagged_xclass"] & xres.decision.attack
+        x_fl[:n] = xa["flagged_xclass"] & (xa["score_xclass"] > xres.decision.tau_score) & xres.decision.attack
         flagged = ct_flagged | x_fl
         s_x = np.full(N, np.nan, np.float32)
         s_x[:n] = xa["score_xclass"]

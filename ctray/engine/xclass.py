@@ -31,7 +31,7 @@ from ctray.core.xclass import (
     HALF_SEED,
     SUSPECT,
     XClassDecision,
-    decide_xclass,
+    choose_threshold,
     fisher_direction,
     group_of,
     half_moments,
@@ -139,9 +139,9 @@ def xclass_scores(model_path: str, shards: Sequence[str], clean_shards: Sequence
 
     Args:
         into: a :class:`~ctray.core.index.ColumnFiller` with columns ``score_xclass`` (float32) and
-            ``flagged_xclass`` (bool): each sample's score and raw crossing are written there by sample
-            id (the caller's order; exactly once, checked by the filler). ``flagged_xclass`` holds the
-            crossings whatever the test says: flag them only when ``decision.attack``.
+            ``flagged_xclass`` (bool): each sample's score and its crossing of ``decision.tau_base`` are
+            written there by sample id (the caller's order; exactly once, checked by the filler). Flag
+            ``flagged_xclass & (score_xclass > decision.tau_score)``, and only when ``decision.attack``.
 
     Raises:
         ConfigError / DataError: bad config, no usable sample, no reserve.
@@ -165,23 +165,28 @@ def xclass_scores(model_path: str, shards: Sequence[str], clean_shards: Sequence
     pay = {"tau_loss": tau_loss, "fits": fits, "tau_score": np.inf}
     ref2 = collect_scores(_pass(ref_ds, model_path, cfg, "score", pay), ("sid", "loss", "score"))
     tau_score = float(np.quantile(ref2["score"], xc.score_quantile))
-    k_ref = int(((ref2["loss"] > tau_loss) & (ref2["score"] > tau_score)).sum())
     pay["tau_score"] = tau_score
     scored = _pass(ds, model_path, cfg, "score", pay)
     out = XClassResult(decision=None, dims=int(total.dim), seconds=0.0)  # type: ignore[arg-type]
+    hits: list[np.ndarray] = []  # the crossings' scores: bounded by the suspects (loss_quantile), not by N
     if into is not None:
-        k, n = 0, 0
+        n = 0
         for b in scored.iter_batches(batch_size=8192, batch_format="numpy"):
             into.add(b["sid"], {"score_xclass": b["score"], "flagged_xclass": b["hit"]})
-            k += int(b["hit"].sum())
+            hits.append(b["score"][b["hit"]])
             n += len(b["sid"])
     else:
         r = collect_scores(scored, ("sid", "score", "hit"))
         order = np.argsort(r["sid"], kind="stable")
         out.sid, out.score, out.flagged = r["sid"][order], r["score"][order], r["hit"][order].astype(bool)
-        k, n = int(out.flagged.sum()), len(order)
-    out.decision = decide_xclass(k, n, k_ref, len(ref2["sid"]), xc.alpha, tau_loss, tau_score,
-                                 int(total.count[SUSPECT::2].sum()))
+        hits.append(out.score[out.flagged])
+        n = len(order)
+    ref_hit = (ref2["loss"] > tau_loss) & (ref2["score"] > tau_score)
+    out.decision = choose_threshold(np.concatenate(hits) if hits else np.zeros(0), n, ref2["score"][ref_hit],
+                                    len(ref2["sid"]), tau_score, xc.alpha, xc.fdr, tau_loss,
+                                    int(total.count[SUSPECT::2].sum()))
+    if out.flagged is not None and out.score is not None:  # the final threshold
+        out.flagged &= out.score > out.decision.tau_score
     out.seconds = time.monotonic() - t0
     d = out.decision
     log.info("cross-class detector: %d of %d samples cross both thresholds (reserve: %d of %d, expected %.1f), "
