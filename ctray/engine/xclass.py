@@ -114,8 +114,8 @@ MOMENT_ROWS = 8192
 
 @dataclass
 class XClassResult:
-    """What :func:`xclass_scores` found. ``decision``: the test (``decisions.json["xclass"]``); ``dims``:
-    feature columns used; ``n_ref``: reserve samples; ``seconds``: wall time of the four passes. The
+    """What :func:`xclass_scores` found. ``decision``: the test (``decisions.json["xclass"]``, the reserve's
+    size in ``n_ref``); ``dims``: feature columns used; ``seconds``: wall time of the four passes. The
     per-sample ``score`` (higher = more suspicious) and ``flagged`` went into the caller's filler, or are
     here (``sid``-sorted arrays) when no filler was given."""
 
@@ -168,7 +168,7 @@ def xclass_scores(model_path: str, shards: Sequence[str], clean_shards: Sequence
     pay["tau_score"] = tau_score
     scored = _pass(ds, model_path, cfg, "score", pay)
     out = XClassResult(decision=None, dims=int(total.dim), seconds=0.0)  # type: ignore[arg-type]
-    hits: list[np.ndarray] = []  # the crossings' scores: bounded by the suspects (loss_quantile), not by N
+    hits: list[np.ndarray] = []  # the crossings' scores: a subset of the suspects (a few % of N, 4 bytes each)
     if into is not None:
         n = 0
         for b in scored.iter_batches(batch_size=8192, batch_format="numpy"):
