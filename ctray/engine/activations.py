@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from ctray.config import Config
 from ctray.engine.modelio import abs_path, model_inputs, read_for_model, to_driver
-from ctray.engine.score import collect_scores, map_model
+from ctray.engine.score import collect_scores, map_model, merge_blobs
 from ctray.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -119,15 +119,6 @@ def _act_pass(ds: Any, model_path: str, cfg: Config, op: str, payload: dict[str,
                      cfg.data)
 
 
-def _merge_blobs(ds: Any) -> Any:
-    total = None
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for blob in b["blob"]:
-            part = pickle.loads(blob)
-            total = part if total is None else total.merge(part)
-    return total
-
-
 def fit_act_intervals(model_path: str, clean_shards: Sequence[str], cfg: Config) -> dict[str, Any]:
     """Fit the clean intervals on half A of the trusted shards and the flag threshold on half B.
 
@@ -146,13 +137,13 @@ def fit_act_intervals(model_path: str, clean_shards: Sequence[str], cfg: Config)
     clean, _ = read_for_model(clean_shards, model_path, cfg, "trusted clean")
     clean = clean.materialize()
     width = _feature_width(model_path, cfg)
-    mom = _merge_blobs(_act_pass(clean, model_path, cfg, "moments", {"width": width, "split_seed": a.split_seed}))
+    mom = merge_blobs(_act_pass(clean, model_path, cfg, "moments", {"width": width, "split_seed": a.split_seed}))
     if mom is None or mom.n < 2:
         raise DataError(f"activation statistics need >= 2 trusted samples in half A, got {0 if mom is None else mom.n}")
     if a.mode == "gauss":
         lo, hi = intervals_gauss(mom, a.delta, a.sigma_floor)
     else:
-        hist = _merge_blobs(_act_pass(clean, model_path, cfg, "hist", {"lo": mom.lo, "hi": mom.hi, "bins": a.bins,
+        hist = merge_blobs(_act_pass(clean, model_path, cfg, "hist", {"lo": mom.lo, "hi": mom.hi, "bins": a.bins,
                                                                        "split_seed": a.split_seed}))
         lo, hi = intervals_quantile(hist, a.alpha)
     active = ~constant_neurons(mom, a.sigma_floor) if a.drop_constant else np.ones(width, bool)

@@ -136,6 +136,21 @@ def collect_scores(scored: Any, columns: tuple[str, ...] = ("sid", "loss", "pred
     return {c: (np.concatenate(v) if v else np.empty(0)) for c, v in parts.items()}
 
 
+def merge_blobs(ds: Any, column: str = "blob") -> Any:
+    """Stream a dataset whose ``column`` holds pickled mergeable statistics (anything with ``merge``,
+    e.g. :class:`~ctray.core.pca.FeatureMoments`) and merge them on the driver, in arrival order (the
+    merges are associative). Returns None for an empty dataset; empty blobs are skipped."""
+    import pickle
+
+    total = None
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for blob in b[column]:
+            if len(blob):
+                part = pickle.loads(blob)
+                total = part if total is None else total.merge(part)
+    return total
+
+
 class _Moments:
     """``map_batches`` combiner: per-batch per-class feature moments, one row per batch (pickled)."""
 
@@ -169,18 +184,13 @@ def feature_moments(scored_with_features: Any, num_classes: int, num_cpus: float
     Raises:
         RuntimeError: the dataset is empty.
     """
-    import pickle
 
     from ctray.core.pca import FeatureMoments
 
     feats = scored_with_features.select_columns(["label", "features"], num_cpus=PROJECT_CPUS)
-    total: FeatureMoments | None = None
     moments = feats.map_batches(_Moments, fn_constructor_kwargs={"num_classes": num_classes}, batch_size=4096,
                                 batch_format="numpy", num_cpus=num_cpus)
-    for b in moments.iter_batches(batch_size=None, batch_format="numpy"):
-        for blob in b["moments"]:
-            m = pickle.loads(blob)
-            total = m if total is None else total.merge(m)
+    total: FeatureMoments | None = merge_blobs(moments, "moments")
     if total is None:
         raise RuntimeError("no features to project (empty scored dataset)")
     return total

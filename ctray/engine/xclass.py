@@ -39,7 +39,7 @@ from ctray.core.xclass import (
     project,
 )
 from ctray.engine.modelio import read_for_model
-from ctray.engine.score import collect_scores, map_model
+from ctray.engine.score import collect_scores, map_model, merge_blobs
 from ctray.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -152,13 +152,9 @@ def xclass_scores(model_path: str, shards: Sequence[str], clean_shards: Sequence
     ref = collect_scores(_pass(ref_ds, model_path, cfg, "loss", {}), ("sid", "loss"))
     tau_loss = loss_threshold(ref["loss"], xc.loss_quantile)
     ds, _ = read_for_model(shards, model_path, cfg, "train")
-    total: FeatureMoments | None = None
     feats = _pass(ds, model_path, cfg, "features", {"tau_loss": tau_loss})
     blobs = feats.map_batches(_moments_blob, batch_size=MOMENT_ROWS, batch_format="numpy", num_cpus=cfg.data.read_cpus)
-    for b in blobs.iter_batches(batch_size=None, batch_format="numpy"):
-        for blob in b["blob"]:
-            m = pickle.loads(blob)
-            total = m if total is None else total.merge(m)
+    total: FeatureMoments | None = merge_blobs(blobs)
     if total is None:
         raise DataError("the cross-class detector found no usable sample to score")
     fits = [fisher_direction(half_moments(total, side), xc.ridge) for side in (0, 1)]
