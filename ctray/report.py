@@ -159,29 +159,49 @@ def _load_scores(path: str, top_k: int, max_rows: int | None = None) -> tuple[pd
     n = pf.metadata.num_rows
     if n <= max_rows:
         return pf.read().to_pandas(), None
+    # Counted and sampled on Arrow columns: a pandas frame per batch would make a Python string per row
+    # (shard, key), and the sampled rows' strings, scattered over the allocator's arenas, keep most of
+    # those arenas resident (driver memory growing with N). Only the sample becomes pandas, at the end.
+    import pyarrow as pa
+
     rng = np.random.default_rng(0)
     frac = max_rows / n
-    parts: list[pd.DataFrame] = []
-    top: pd.DataFrame | None = None
+    k = max(top_k, 1)
+    parts: list[pa.Table] = []
+    top: pa.Table | None = None
     flagged = 0
     by_class: dict[int, int] = {}
     truth = {"poison": 0, "cover": 0, "tp": 0}
+
+    def _bool(t: pa.Table, name: str) -> np.ndarray:
+        return t.column(name).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+
     for b in pf.iter_batches(batch_size=65536):
-        df = b.to_pandas()
-        fl = df["flagged"].fillna(False).to_numpy(dtype=bool)
+        t = pa.Table.from_batches([b])
+        fl = _bool(t, "flagged")
         flagged += int(fl.sum())
-        if "truth_poison" in df.columns:
-            po = df["truth_poison"].fillna(False).to_numpy(dtype=bool)
-            co = df["truth_cover"].fillna(False).to_numpy(dtype=bool) if "truth_cover" in df.columns else po & False
+        if "truth_poison" in t.column_names:
+            po = _bool(t, "truth_poison")
+            co = _bool(t, "truth_cover") if "truth_cover" in t.column_names else po & False
             truth["poison"] += int(po.sum())
             truth["cover"] += int((co & ~po).sum())
             truth["tp"] += int((fl & po).sum())
-        for c, k in zip(*np.unique(df["label"].to_numpy()[fl], return_counts=True), strict=True):
-            by_class[int(c)] = by_class.get(int(c), 0) + int(k)
-        parts.append(df[rng.random(len(df)) < frac])
-        cand = df.nlargest(max(top_k, 1), "score")
-        top = cand if top is None else pd.concat([top, cand]).nlargest(max(top_k, 1), "score")
-    sample = pd.concat([*parts, *([top] if top is not None else [])]).drop_duplicates(["shard", "key"])
+        labels = t.column("label").to_numpy(zero_copy_only=False)
+        for c, m in zip(*np.unique(labels[fl], return_counts=True), strict=True):
+            by_class[int(c)] = by_class.get(int(c), 0) + int(m)
+        parts.append(t.take(np.flatnonzero(rng.random(t.num_rows) < frac)))
+        sc = t.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        sc = np.where(np.isnan(sc), -np.inf, sc)
+        cand = t.take(np.argsort(-sc, kind="stable")[:k])
+        top = cand if top is None else pa.concat_tables([top, cand])
+        if top.num_rows > 4 * k:
+            tsc = top.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+            top = top.take(np.argsort(-np.where(np.isnan(tsc), -np.inf, tsc), kind="stable")[:k])
+    if top is not None:
+        tsc = top.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        top = top.take(np.argsort(-np.where(np.isnan(tsc), -np.inf, tsc), kind="stable")[:k])
+    tables = [*parts, *([top] if top is not None else [])]
+    sample = pa.concat_tables(tables).combine_chunks().to_pandas().drop_duplicates(["shard", "key"])
     log.info("report: %d rows in scores.parquet; plots from a uniform sample of %d (report.MAX_ROWS)", n, len(sample))
     return sample.reset_index(drop=True), {"rows": n, "flagged": flagged, "flagged_by_class": by_class,
                                            "sample": len(sample), **truth}

@@ -182,3 +182,30 @@ def test_large_scores_table_is_sampled_with_exact_counts(tmp_path, monkeypatch) 
     tp = int((full["flagged"] & full["truth_poison"]).sum())
     assert f"{tp:,} of {npois:,}" in page
     assert "odd&lt;key&gt;&amp;1" in page  # the top-scored key is always kept
+
+
+def test_streamed_scores_keep_exact_totals_and_top_rows_over_many_batches(tmp_path) -> None:
+    """The streaming branch over several Parquet batches (65,536 rows each): exact totals, the true
+    top-scored rows (NaN scores never outrank a number), a sample of about ``max_rows`` rows."""
+    from ctray.report import _load_scores
+
+    rng = np.random.default_rng(3)
+    n = 140_000
+    score = rng.uniform(0, 1, n)
+    score[rng.choice(n, 500, replace=False)] = np.nan
+    top_ix = rng.choice(np.flatnonzero(~np.isnan(score)), 5, replace=False)
+    score[top_ix] = 2.0 + np.arange(5)
+    flagged = rng.random(n) < 0.01
+    poison = rng.random(n) < 0.01
+    labels = rng.integers(0, 4, n)
+    keys = [f"k{i:06d}" for i in range(n)]
+    pq.write_table(pa.table({"shard": ["s.tar"] * n, "key": keys, "label": labels, "score": score,
+                             "flagged": flagged, "truth_poison": poison}), tmp_path / "scores.parquet")
+    sample, totals = _load_scores(str(tmp_path / "scores.parquet"), top_k=5, max_rows=2_000)
+    assert totals is not None and totals["rows"] == n
+    assert totals["flagged"] == int(flagged.sum()) and totals["poison"] == int(poison.sum())
+    assert totals["tp"] == int((flagged & poison).sum())
+    want = {int(c): int(k) for c, k in zip(*np.unique(labels[flagged], return_counts=True), strict=True)}
+    assert totals["flagged_by_class"] == want
+    assert {keys[i] for i in top_ix} <= set(sample["key"])
+    assert 1_700 <= len(sample) <= 2_300 and sample["key"].is_unique

@@ -39,6 +39,9 @@ def ensure_ray(cfg: Config | None = None) -> None:
     apply its Ray Data limits (:func:`apply_data_limits`)."""
     import ray
 
+    from ctray.memory import use_system_arrow_pool
+
+    use_system_arrow_pool()  # the driver streams every pass's rows: see ctray.memory
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(log_to_driver=True, logging_level=logging.WARNING)

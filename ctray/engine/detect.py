@@ -121,7 +121,11 @@ class _Run:
     memory: dict[str, dict[str, float]] = field(default_factory=dict)  # driver memory after each phase (MB)
 
     def mark(self, phase: str) -> None:
-        """Record this process's resident memory after ``phase`` (run.json ``driver_memory_mb``)."""
+        """Record this process's resident memory after ``phase`` (run.json ``driver_memory_mb``), after
+        giving the C heap's free pages back (:func:`ctray.memory.release_free_memory`)."""
+        from ctray.memory import release_free_memory
+
+        release_free_memory()
         m = _process_memory()
         if m:
             self.memory[phase] = m

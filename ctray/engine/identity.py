@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ctray import io as cio
@@ -167,17 +168,17 @@ def read_identity(ds: Any, num_cpus: float, store_dir: str | None = None) -> Ide
                     continue
                 store.append(t)
                 ok = t.column("ok").to_numpy(zero_copy_only=False).astype(bool)
-                level = np.asarray(t.column("level").to_pylist(), dtype=object)
-                n_read += int(np.sum(level == "sample"))
+                # counted on Arrow columns: no Python string per row (see ctray.memory)
+                n_read += int(pc.sum(pc.equal(t.column("level"), "sample")).as_py() or 0)
                 sid = t.column("sid").to_numpy()
                 sids.append(sid[ok].astype(np.int64))
                 labels.append(t.column("label").to_numpy()[ok].astype(np.int32))
-                note = np.asarray(t.column("note").to_pylist(), dtype=object)
-                n_conv += int(np.sum(ok & (note != "")))
+                converted = pc.fill_null(pc.not_equal(t.column("note"), ""), False).to_numpy(zero_copy_only=False)
+                n_conv += int(np.sum(ok & converted))
                 if not ok.all():
                     bad.append(t.filter(pa.array(~ok)).select(["shard", "key", "reason", "level", "source"]))
-                shards.update(pa.compute.unique(t.column("shard")).to_pylist())
-                sources.update(s for s in pa.compute.unique(t.column("source")).to_pylist() if s)
+                shards.update(pc.unique(t.column("shard")).to_pylist())
+                sources.update(s for s in pc.unique(t.column("source")).to_pylist() if s)
     except BaseException:
         store.close()
         raise
@@ -295,10 +296,11 @@ def write_scores(path: str, store: IdentityStore, index: SampleIndex,
             writer.write_table(t)
             written += t.num_rows
             hit = np.flatnonzero(np.isin(s, want) & real)
-            if len(hit):
-                sh, ke, so = b.column("shard").to_pylist(), b.column("key").to_pylist(), b.column("source").to_pylist()
-                for i in hit:
-                    names[int(s[i])] = (sh[i], ke[i], so[i] or "")
+            if len(hit):  # Python strings only for the rows asked for (not the whole batch)
+                h = b.select(["shard", "key", "source"]).take(pa.array(hit))
+                for i, sh, ke, so in zip(s[hit], *(h.column(c).to_pylist() for c in ("shard", "key", "source")),
+                                         strict=True):
+                    names[int(i)] = (sh, ke, so or "")
         if writer is None:  # no usable sample: an empty table with the columns
             empty = {"shard": pa.array([], pa.string()), "key": pa.array([], pa.string()),
                      **{c: _column(v, np.zeros(0, np.int64)) for c, v in columns.items()}}
