@@ -118,6 +118,9 @@ def _add_run_options(p: argparse.ArgumentParser, need_io: bool) -> None:
                        help="trusted clean reserve shards (repeatable)")
         p.add_argument("--out", required=True, help="run directory (re-running with it resumes)")
         p.add_argument("--truth", default=None, help="ground truth parquet/csv (shard, key, poison[, cover])")
+        p.add_argument("--fbase", default=None, metavar="CKPT",
+                       help="use this f_base (a ctray model file of base.arch, e.g. from `ctray train` or a run's "
+                            "checkpoints/round_0/fbase.pt) instead of training one: base.checkpoint")
     p.add_argument("--preset", default=None, help="named preset (ctray presets); default: chosen from the data")
     p.add_argument("--config", default=None, help="YAML config (e.g. a sweep's best.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field, e.g. ct.lam=[20,20,20,30,30,15]")
@@ -133,6 +136,8 @@ def _overrides_from(args: argparse.Namespace) -> dict[str, object]:
         ov["io.out"] = args.out
         if args.truth:
             ov["io.truth"] = args.truth
+        if getattr(args, "fbase", None):
+            ov["base.checkpoint"] = args.fbase
     ov.update(parse_overrides(args.overrides))
     return ov
 
@@ -185,28 +190,31 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 
 def _run_presets(args: argparse.Namespace) -> int:
-    from ctray.config import list_presets, load_config, load_preset
-    from ctray.core.cost import schedule_cost
+    from ctray.config import Config, list_presets, load_config, load_preset, parse_overrides
+    from ctray.core.cost import ScheduleCost, schedule_cost
 
     if args.verbose_presets:
         for name in list_presets():
             print(f"{name}: {load_preset(name)}")
         return 0
     n = int(args.n)
-    ref = None
     rows = []
+    ov = parse_overrides(args.overrides)
+
+    def cost_of(c: Config) -> ScheduleCost:
+        return schedule_cost(c.base.epochs, c.ct.pretrain_epochs, c.ct.keep_ratio, c.ct.iters, c.ct.batch_size,
+                             c.xclass.enabled, c.base.max_samples, n, bool(c.base.checkpoint))
+
+    ref = cost_of(load_config("reference-cifar"))  # the paper's schedule as published, without the overrides
     for name in list_presets():
-        c = load_config(name)
-        cost = schedule_cost(c.base.epochs, c.ct.pretrain_epochs, c.ct.keep_ratio, c.ct.iters, c.ct.batch_size,
-                             c.xclass.enabled)
-        if name == "reference-cifar":
-            ref = cost
+        c = load_config(name, ov)
+        cost = cost_of(c)
         rows.append((name, c, cost))
     print(f"Cost per preset at N = {n:,} (training passes over D grow with N; confusion samples do not):")
     print(f"{'preset':<24} {'models (f_base / CT)':<28} {'train passes':>12} {'f_base':>7} {'pretrain':>8} "
           f"{'confusion samples':>17} {'forward passes':>14} {'vs reference':>12}")
     for name, c, cost in rows:
-        rel = f"1/{ref.sample_steps(n) / cost.sample_steps(n):.0f}" if ref and name != "reference-cifar" else "1"
+        rel = f"1/{ref.sample_steps(n) / cost.sample_steps(n):.0f}" if cost != ref else "1"
         print(f"{name:<24} {c.base.arch + ' / ' + c.ct.arch:<28} {cost.train_passes:>12.1f} {cost.fbase_passes:>7.1f} "
               f"{cost.pretrain_passes:>8.1f} {cost.confusion_samples:>17,} {cost.forward_passes:>14} {rel:>12}")
     print("(vs reference: all training samples through the model at this N; floors n_c // floor_k left out; "
@@ -551,6 +559,8 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list the named presets and what each costs at a given N")
     p.add_argument("--n", default="1000000", help="training set size for the cost table (default 1,000,000)")
     p.add_argument("--yaml", dest="verbose_presets", action="store_true", help="print each preset's settings")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="applied to every preset, e.g. base.max_samples=200000 (f_base on a sample)")
     p.set_defaults(func=_run_presets)
     _add_bench(sub)
     _add_sweep(sub)

@@ -100,6 +100,13 @@ class BaseConfig:
     milestones: list[int] = field(default_factory=lambda: [50, 75])
     gamma: float = 0.1
     augment: str = "crop-flip"  # "crop-flip" | "crop" | "none" (flip is wrong for digits/text)
+    # f_base's cost at scale (its epochs over all of D are most of a reference run's training): it only
+    # labels the reserve (and feeds the cross-class detector), so it may train on a seeded uniform sample
+    # of at most max_samples samples of D (0 = all of D, the paper), or be given: checkpoint = a ctray
+    # model file (e.g. from `ctray train`, or a previous run's checkpoints/round_0/fbase.pt) of base.arch
+    # for this data's channels, classes and image size; then no f_base is trained.
+    max_samples: int = 0
+    checkpoint: str = ""
 
 
 @dataclass
@@ -488,6 +495,8 @@ class Config:
         if self.data.score_actors < 1 or self.data.score_cpus <= 0:
             raise ConfigError(f"data.score_actors must be >= 1 and data.score_cpus > 0, got "
                               f"{self.data.score_actors}, {self.data.score_cpus}")
+        if isinstance(self.base.max_samples, bool) or self.base.max_samples < 0:
+            raise ConfigError(f"base.max_samples must be an integer >= 0 (0 = all of D), got {self.base.max_samples!r}")
         if self.base.augment not in TRAIN_AUGMENTS:
             raise ConfigError(f"base.augment must be crop-flip, crop or none, got {self.base.augment!r}")
         if self.scale.checkpoint_every < 0 or self.scale.max_failures < 0:

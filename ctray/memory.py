@@ -9,9 +9,14 @@ proportion to the rows streamed, measured on the scale benchmark's data (docs/sc
   with the same few MB live. The C library's allocator (``pa.system_memory_pool()``) gave most of it back.
 * **glibc malloc** returns freed chunks below the top of its heaps only on ``malloc_trim``.
 
-So every ctray process that streams (the driver, Ray Data tasks, Ray Train workers) calls
-:func:`use_system_arrow_pool` once, and phase boundaries call :func:`release_free_memory`. A user who
-sets ``ARROW_DEFAULT_MEMORY_POOL`` keeps their choice.
+Arrow reads its C++ default pool from ``ARROW_DEFAULT_MEMORY_POOL`` once, when pyarrow is loaded
+(``pa.set_memory_pool`` changes only the pool pyarrow's own Python calls use, not the Parquet reader's or
+Ray Data's: measured, it left the growth as it was). So ``import ctray`` sets the variable to ``system``
+unless it is set (:func:`default_to_system_pool`): it applies to this process when pyarrow was not loaded
+before ctray, and to every process started from it (a local Ray's workers). A Ray cluster started
+elsewhere needs it in its environment (docs/cluster.md). Processes that loaded pyarrow first still get
+:func:`use_system_arrow_pool` for pyarrow's own allocations, and phase boundaries call
+:func:`release_free_memory`. A user who sets ``ARROW_DEFAULT_MEMORY_POOL`` keeps their choice.
 """
 
 from __future__ import annotations
@@ -23,7 +28,15 @@ import os
 
 log = logging.getLogger(__name__)
 
+#: The environment variable Arrow reads its default memory pool from (``system``, ``jemalloc``, ``mimalloc``).
+POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
 _POOL_SET = False
+
+
+def default_to_system_pool() -> None:
+    """``ARROW_DEFAULT_MEMORY_POOL=system`` for this process (if pyarrow is not loaded yet) and every
+    process it starts, unless the variable is set."""
+    os.environ.setdefault(POOL_ENV, "system")
 _LIBC: ctypes.CDLL | None | bool = False  # False: not looked up yet; None: no malloc_trim here
 
 
@@ -31,13 +44,13 @@ def use_system_arrow_pool() -> bool:
     """Make the C library's allocator Arrow's default memory pool in this process (once; idempotent).
 
     Returns:
-        True when this call or an earlier one set it; False when ``ARROW_DEFAULT_MEMORY_POOL`` is set
-        (the user's pool is kept) or pyarrow refused.
+        True when this call or an earlier one set it; False when ``ARROW_DEFAULT_MEMORY_POOL`` names
+        another pool (the user's choice is kept) or pyarrow refused.
     """
     global _POOL_SET
     if _POOL_SET:
         return True
-    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+    if os.environ.get(POOL_ENV, "system") != "system":
         return False
     import pyarrow as pa
 

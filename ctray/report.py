@@ -63,6 +63,10 @@ def write_report(run_dir: str, top_k: int = TOP_K) -> str:
     Raises:
         DataError: ``run.json`` / ``scores.parquet`` is missing or unreadable.
     """
+    from ctray.memory import release_free_memory, use_system_arrow_pool
+
+    use_system_arrow_pool()  # a large scores.parquet streams through Arrow: see ctray.memory
+    release_free_memory()
     if "://" in run_dir:
         return _write_remote_report(run_dir, top_k)
     run = _read_required_json(os.path.join(run_dir, "run.json"))

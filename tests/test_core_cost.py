@@ -42,3 +42,15 @@ def test_presets_prints_the_cost_table(capsys):
     assert "260.8" in line and "896,000" in line
     assert next(x for x in out.splitlines() if x.startswith("small ")).split()[-1] == "1/14"
     assert main(["presets", "--yaml"]) == 0 and "small-cnn: {" in capsys.readouterr().out
+
+
+def test_fbase_on_a_sample_or_given_costs_less_at_large_n():
+    from ctray.core.cost import schedule_cost
+
+    args = (100, [100, 100], [0.5], [10, 10], 32)
+    full = schedule_cost(*args)
+    capped = schedule_cost(*args, base_max_samples=200_000, n=10**7)
+    assert full.fbase_passes == 100 and capped.fbase_passes == pytest.approx(100 * 200_000 / 10**7)
+    assert capped.pretrain_passes == full.pretrain_passes
+    assert schedule_cost(*args, base_max_samples=200_000, n=100_000).fbase_passes == 100  # N below the cap
+    assert schedule_cost(*args, fbase_given=True).fbase_passes == 0

@@ -364,3 +364,41 @@ def test_cli_detect_usage_errors(tmp_path, capsys, fm_badnet):
     assert f"--out {tmp_path / 'afile'} is an existing file" in capsys.readouterr().err
     assert main(["validate", "--preset", "smoke", "ct.nope=1"]) == 2
     assert "unknown config field" in capsys.readouterr().err
+
+
+def test_fbase_on_a_sample_then_given_to_another_run(fm_badnet, tmp_path):
+    """base.max_samples trains f_base on a seeded sample of D (recorded in rounds.json); base.checkpoint
+    (``--fbase``) reuses that f_base in another run, which trains none and, local mode being deterministic,
+    computes the same rounds; a checkpoint of another model is refused before any training."""
+    from ctray.engine.detect import _fingerprint
+    from ctray.errors import ConfigError
+    from ctray.models.checkpoint import ModelSpec, save_model
+
+    ov = {"io.train": [f"{fm_badnet}/train-000000.tar"], **QUICK4, "ct.rounds": 2, "ct.iters": [30, 30],
+          "ct.lr": [0.015, 0.04], "ct.lam": [20, 15], "ct.batch_factor": [2, 2], "ct.keep_ratio": [0.5],
+          "ct.floor_k": [50], "ct.pretrain_epochs": [1, 1], "ct.reserve_in_pretrain_from": 1}
+    a_out = str(tmp_path / "a")
+    detect(_cfg(fm_badnet, a_out, truth=False, **ov, **{"base.max_samples": 300}))
+    ra = json.load(open(f"{a_out}/rounds.json"))
+    assert ra[0]["fbase_samples"] == 300 and "f_base" in ra[0]["phase_seconds"]
+    fbase = f"{a_out}/checkpoints/round_0/fbase.pt"
+
+    b_out = str(tmp_path / "b")
+    detect(_cfg(fm_badnet, b_out, truth=False, **ov, **{"base.checkpoint": fbase}))
+    rb = json.load(open(f"{b_out}/rounds.json"))
+    assert rb[0]["fbase_samples"] is None and "f_base" not in rb[0]["phase_seconds"]
+    assert open(f"{b_out}/checkpoints/round_0/fbase.pt", "rb").read() == open(fbase, "rb").read()
+    sa, sb = (pq.read_table(f"{o}/scores.parquet").to_pandas() for o in (a_out, b_out))
+    for c in ("round_loss_0", "round_loss_1"):
+        assert np.allclose(sa[c], sb[c], atol=1e-5), c
+    assert (sa["flagged"] == sb["flagged"]).all()
+
+    # the fingerprint follows the file's bytes: another f_base at the same path is another run
+    fp_cfg = _cfg(fm_badnet, b_out, truth=False, **ov, **{"base.checkpoint": fbase})
+    before = _fingerprint(fp_cfg, ["a.tar"], ["c.tar"])
+    other = str(tmp_path / "other.pt")
+    save_model(other, ModelSpec(fp_cfg.base.arch, 1, 3, 28).build(), ModelSpec(fp_cfg.base.arch, 1, 3, 28))
+    assert _fingerprint(_cfg(fm_badnet, b_out, truth=False, **ov, **{"base.checkpoint": other}),
+                        ["a.tar"], ["c.tar"]) != before
+    with pytest.raises(ConfigError, match=r"does not fit this run: num_classes 3 \(this run: 10\)"):
+        detect(_cfg(fm_badnet, str(tmp_path / "c"), truth=False, **ov, **{"base.checkpoint": other}))

@@ -40,9 +40,12 @@ class ScheduleCost:
 
 
 def schedule_cost(base_epochs: int, pretrain_epochs: Sequence[int], keep_ratio: Sequence[float],
-                  iters: Sequence[int], batch_size: int, xclass: bool = False) -> ScheduleCost:
+                  iters: Sequence[int], batch_size: int, xclass: bool = False, base_max_samples: int = 0,
+                  n: int | None = None, fbase_given: bool = False) -> ScheduleCost:
     """The cost of a schedule (config fields ``base.epochs``, ``ct.pretrain_epochs``, ``ct.keep_ratio``,
-    ``ct.iters``, ``ct.batch_size``; ``xclass.enabled``).
+    ``ct.iters``, ``ct.batch_size``; ``xclass.enabled``). f_base costs ``base.epochs`` passes over D, over
+    its sample at N = ``n`` when ``base.max_samples`` (``base_max_samples``) is below ``n``
+    (``base_epochs * base_max_samples / n`` passes per sample of D), none when given (``base.checkpoint``).
 
     Raises:
         ConfigError: list lengths that disagree (rounds = len(pretrain_epochs) = len(iters) =
@@ -56,6 +59,9 @@ def schedule_cost(base_epochs: int, pretrain_epochs: Sequence[int], keep_ratio: 
         raise ConfigError("epochs and iterations must be >= 0, batch_size >= 1")
     share = [1.0, *[float(r) for r in keep_ratio]]
     pre = sum(e * s for e, s in zip(pretrain_epochs, share, strict=True))
-    return ScheduleCost(fbase_passes=float(base_epochs), pretrain_passes=float(pre),
+    fb = 0.0 if fbase_given else float(base_epochs)
+    if base_max_samples and n and n > base_max_samples:
+        fb *= base_max_samples / n
+    return ScheduleCost(fbase_passes=fb, pretrain_passes=float(pre),
                         confusion_samples=int(sum(iters)) * int(batch_size),
                         forward_passes=rounds + 2 + (2 if xclass else 0))

@@ -64,6 +64,10 @@ def ensure_ray(cfg: Config | None = None) -> None:
 
 #: ``data.inflight_bytes=auto``: this share of the cluster's object store for Ray Data's blocks in flight.
 INFLIGHT_SHARE = 0.25
+#: Ray Data's blocks are at most 1/BLOCK_SHARE of the in-flight budget, within [MIN, MAX]_BLOCK_BYTES.
+BLOCK_SHARE = 32
+MIN_BLOCK_BYTES = 8 * 2**20
+MAX_BLOCK_BYTES = 128 * 2**20  # Ray's default
 
 
 def inflight_budget(cfg: Config) -> int:
@@ -87,9 +91,16 @@ def apply_data_limits(cfg: Config) -> int:
     import ray.data
 
     budget = inflight_budget(cfg)
-    opts = ray.data.DataContext.get_current().execution_options
+    ctx = ray.data.DataContext.get_current()
+    opts = ctx.execution_options
     opts.resource_limits = opts.resource_limits.copy(object_store_memory=float(budget))
-    log.info("Ray Data: at most %.0f MB of blocks in flight in the object store (data.inflight_bytes)", budget / 1e6)
+    # Blocks at most 1/BLOCK_SHARE of the budget: Ray Data knows a task's output size only after its
+    # first block, so each task started before then may overshoot the budget by its buffered blocks. With
+    # Ray's 128 MiB blocks (a 5,000-image 64 px shard is one 61 MB block) those overshoots were the store's
+    # peaks at execution starts, larger with more read tasks (the scale benchmark: docs/scale.md).
+    ctx.target_max_block_size = int(min(MAX_BLOCK_BYTES, max(MIN_BLOCK_BYTES, budget // BLOCK_SHARE)))
+    log.info("Ray Data: at most %.0f MB of blocks in flight in the object store (data.inflight_bytes), "
+             "blocks up to %.0f MB", budget / 1e6, ctx.target_max_block_size / 1e6)
     return budget
 
 

@@ -160,6 +160,7 @@ def _detect_locked(cfg: Config, on_round: Callable[[dict[str, Any]], None] | Non
     run.mark("read")
     run.scaling_cfg, run.threads = scaling(cfg)
     _resume(run)
+    _supplied_fbase(run)
     for r in range(len(run.state["rounds"]), cfg.ct.rounds):
         _round(run, r, on_round)
         run.mark(f"round {r + 1}")
@@ -319,6 +320,51 @@ def _resume(run: _Run) -> None:
         run.rounds_info.append(rs["info"])
 
 
+def fbase_sample(sids: np.ndarray, n_real: int, max_samples: int, seed: int) -> np.ndarray | None:
+    """The sample ids f_base trains on (``base.max_samples``): a seeded uniform sample of
+    ``max_samples`` of the ``n_real`` real samples (the first ``n_real`` of ``sids``) plus every canary (the
+    entries after them), sorted; None (all of D) when ``max_samples`` is 0 or at least ``n_real``."""
+    if not max_samples or max_samples >= n_real:
+        return None
+    pick = np.random.default_rng([int(seed), 0xFBA5E]).choice(n_real, size=int(max_samples), replace=False)
+    return np.sort(np.concatenate([sids[pick], sids[n_real:]]).astype(np.int64))
+
+
+def _supplied_fbase(run: _Run) -> None:
+    """``base.checkpoint``: check the given f_base against this run (architecture, channels, classes, image
+    size, normalisation) and copy it to ``checkpoints/round_0/fbase.pt``, where the rounds, the
+    cross-class detector and ``ctray bench`` read it; round 0 then trains no f_base.
+
+    Raises:
+        DataError: the file is unreadable or not a checkpoint; ConfigError: it is another model.
+    """
+    from ctray.models import build_model
+    from ctray.models.checkpoint import read_checkpoint
+    from ctray.training.loop import FBASE
+
+    path, cfg = run.cfg.base.checkpoint, run.cfg
+    if not path or run.fbase_ckpt is not None:
+        return
+    ck = read_checkpoint(path)
+    want = {"arch": cfg.base.arch, "in_channels": run.spec.channels, "num_classes": run.C,
+            "image_size": run.spec.height, "mean": float(cfg.data.mean), "std": float(cfg.data.std)}
+    if ck["spec"] is not None:
+        got = {k: ck["spec"].get(k) for k in want}
+        bad = {k: (got[k], v) for k, v in want.items() if (float(got[k]) if isinstance(v, float) else got[k]) != v}
+        if bad:
+            raise ConfigError(f"base.checkpoint {path} does not fit this run: " + ", ".join(
+                f"{k} {g!r} (this run: {w!r})" for k, (g, w) in bad.items()))
+    try:
+        build_model(cfg.base.arch, run.spec.channels, run.C, run.spec.height).load_state_dict(ck["state_dict"])
+    except (RuntimeError, KeyError) as e:
+        raise ConfigError(f"base.checkpoint {path}: its weights do not fit a {cfg.base.arch} for "
+                          f"{run.spec.channels} channels, {run.C} classes, {run.spec.height} px: {str(e)[:300]}") from e
+    dest = cio.join(run.out, "checkpoints", "round_0")
+    cio.write_bytes(cio.join(dest, FBASE), cio.read_bytes(path))
+    run.fbase_ckpt = run.state["fbase_ckpt"] = dest
+    log.info("f_base: %s (base.checkpoint); round 0 trains none", path)
+
+
 def _train_set(run: _Run, kept: np.ndarray | None) -> tuple[Any, np.ndarray]:
     """The round's training input (only D_r reaches the trainers: filtered by sample id before Ray
     Train's split) and its per-class counts."""
@@ -404,7 +450,9 @@ def _round(run: _Run, r: int, on_round: Callable[[dict[str, Any]], None] | None)
     job = {"cfg": cfg_d, "num_classes": C, "round": r, "train_fbase": run.fbase_ckpt is None,
            "fbase_ckpt": run.fbase_ckpt, "prev_base_ckpt": run.prev_ckpt, "keep": run.keep, "ckpt_dir": ckpt,
            "checkpoint_every": every, "n_total": N, "image_shape": list(spec.shape),
-           "class_counts": class_counts.tolist()}
+           "class_counts": class_counts.tolist(),
+           "fbase_keep": fbase_sample(run.sids, run.n_real, cfg.base.max_samples, cfg.seed)
+           if run.fbase_ckpt is None else None}
     # A failed worker group is restarted up to max_failures times; the loop then continues from the
     # latest in-round checkpoint (ctray.training.loop). num_to_keep=1: only the latest is ever read.
     # The two ignores: ray.train.torch rebinds TorchTrainer to the Train V2 class at import (V2 is on by
@@ -446,6 +494,10 @@ def _round(run: _Run, r: int, on_round: Callable[[dict[str, Any]], None] | None)
     info: dict[str, Any] = {"round": r, "train_seconds": round(fit_s, 2), "score_seconds": round(score_s, 2),
                             "n_train_set": int(inner.get("n_dr", 0)), "phase_seconds": inner.get("times", {}),
                             "resumed_from": inner.get("resumed_from")}
+    if job["train_fbase"]:  # f_base was trained in this fit: on how many samples (base.max_samples)
+        info["fbase_samples"] = int(len(job["fbase_keep"])) if job["fbase_keep"] is not None else N
+    elif r == 0:
+        info["fbase_samples"] = None  # given (base.checkpoint) or resumed
     rs: dict[str, Any] = {"ckpt": ckpt, "losses": f"rounds/round_{r}_losses.npz"}
     save_npz(cio.join(out, rs["losses"]), sid=run.sids, loss=losses)
     truth = run.truth
@@ -681,6 +733,11 @@ def _fingerprint(cfg: Config, train: list[str], clean: list[str]) -> str:
     d.pop("sweep", None)  # tuning knobs and the shard tables' settings do not change what a round computes
     d.pop("aggregate", None)
     d["scale"] = {}  # the worker layout may change between attempts without changing the result's meaning
+    if d["base"].get("checkpoint"):  # a given f_base counts by its bytes, not by its path
+        try:
+            d["base"]["checkpoint"] = hashlib.sha256(cio.read_bytes(d["base"]["checkpoint"])).hexdigest()
+        except OSError as e:
+            raise DataError(f"base.checkpoint {d['base']['checkpoint']} cannot be read: {e}") from None
     d["data"] = {k: v for k, v in d["data"].items() if k not in DATA_RESOURCE_KEYS}  # as may the scoring resources
     blob = json.dumps({"cfg": d, "train": train, "clean": clean}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

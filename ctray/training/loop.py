@@ -602,12 +602,17 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, base_cfg["milestones"], base_cfg["gamma"])
         restore_opt(opt, sched, start)
         fit_set = dr if mode == "train" else full
+        # base.max_samples: f_base fits a uniform sample of D (the driver's ids), not all of it
+        fb_keep = job.get("fbase_keep") if mode == "ct" else None
+        fit_subset = keep if mode == "train" else fb_keep
+        if fit_set is not None and fb_keep is not None:
+            fit_set = fit_set.subset(np.isin(fit_set.sids, fb_keep))
         if fit_set is not None:
             n_fit = int(_allreduce_sum(torch.tensor([len(fit_set)]))[0])
         else:
-            n_fit = int((n_keep if mode == "train" else n_total) or 0)
+            n_fit = int((n_keep if mode == "train" else (len(fb_keep) if fb_keep is not None else n_total)) or 0)
         run_steps("f_base" if mode == "ct" else "train", "f_base", fb, opt, fit_set, n_fit, base_cfg["batch_size"],
-                  base_cfg["epochs"], base_cfg["augment"], sched, start, subset=keep if mode == "train" else None)
+                  base_cfg["epochs"], base_cfg["augment"], sched, start, subset=fit_subset)
         fbase_state = held["fbase"] = _state(fb)
         if mode == "train":
             if rank == 0:
