@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from ctray._version import __version__
-from ctray.memory import default_to_system_pool
+from ctray.memory import choose_driver_pool
 
-# before pyarrow loads: Arrow on the C library's allocator in every ctray process (ctray.memory)
-default_to_system_pool()
+# before pyarrow loads: this process's Arrow allocator (ctray.memory)
+choose_driver_pool()
 
 __all__ = ["BenchResult", "Config", "DetectResult", "SweepResult", "__version__", "audit", "bench", "cleanse_model",
            "detect", "evaluate", "export", "load_config", "open_run", "repair", "sweep", "train"]

@@ -25,6 +25,9 @@ def ray_session():
     without a GPU (tests/test_placement.py)."""
     import ray
 
+    from ctray.memory import worker_pool_for_children
+
+    worker_pool_for_children()  # as ensure_ray does: Ray's processes on jemalloc (ctray.memory)
     ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, log_to_driver=False,
              include_dashboard=False, resources={TEST_ACCEL: 1})
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -98,6 +98,7 @@ def test_kuberay_rayjob_structure():
     assert spec["shutdownAfterJobFinishes"] is True
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert set(env) == {"env_vars"}  # no pip, no working_dir: the image carries the code
+    assert env["env_vars"]["ARROW_DEFAULT_MEMORY_POOL"] == "jemalloc"  # ctray.memory
     rc = spec["rayClusterSpec"]
     assert rc["rayVersion"] == ray.__version__
     assert rc["enableInTreeAutoscaling"] is True
@@ -131,6 +132,7 @@ def test_runtime_env_uploads_code_without_venv_or_data():
     assert {".venv/", "data/", "runs/", ".git/"} <= set(env["excludes"])
     assert not {"pip", "conda", "uv"} & set(env)  # dependencies are baked in (ray-notes §5.7)
     assert not any("SECRET" in k or "ACCESS_KEY" in k for k in env.get("env_vars", {}))
+    assert env["env_vars"]["ARROW_DEFAULT_MEMORY_POOL"] == "jemalloc"  # every worker: ctray.memory
 
 
 def test_dockerfile_uses_installed_ray_and_gpu_constraints():

@@ -1,4 +1,4 @@
-"""ctray.memory: the allocator settings every streaming ctray process applies (no Ray needed)."""
+"""ctray.memory: the Arrow allocator of the driver and of the processes it starts (no Ray needed)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ import subprocess
 import sys
 
 CODE = """
+import os, subprocess, sys
 import ctray, pyarrow as pa
-from ctray.memory import use_system_arrow_pool, release_free_memory
-print(pa.default_memory_pool().backend_name, use_system_arrow_pool(), release_free_memory())
+from ctray.memory import release_free_memory, use_system_arrow_pool, worker_pool_for_children
+driver = pa.default_memory_pool().backend_name
+ok = use_system_arrow_pool()
+worker_pool_for_children()  # what ensure_ray does before a local ray.init
+child = subprocess.run([sys.executable, "-c", "import pyarrow as pa; print(pa.default_memory_pool().backend_name)"],
+                       capture_output=True, text=True, check=True).stdout.strip()
+print(driver, ok, child, pa.default_memory_pool().backend_name, release_free_memory())
 """
 
 
@@ -20,12 +26,12 @@ def _run(env_extra: dict[str, str]) -> list[str]:
     return out.stdout.split()
 
 
-def test_import_ctray_puts_arrow_on_the_system_allocator_and_trim_runs() -> None:
-    backend, ok, trimmed = _run({})
-    assert backend == "system" and ok == "True"
+def test_driver_on_the_c_allocator_children_on_jemalloc_and_trim_runs() -> None:
+    driver, ok, child, driver_after, trimmed = _run({})
+    assert (driver, ok, child, driver_after) == ("system", "True", "jemalloc", "system")
     assert trimmed == ("True" if sys.platform.startswith("linux") else "False")
 
 
-def test_a_users_pool_choice_is_kept() -> None:
-    backend, ok, _ = _run({"ARROW_DEFAULT_MEMORY_POOL": "jemalloc"})
-    assert backend == "jemalloc" and ok == "False"
+def test_a_users_pool_choice_is_kept_everywhere() -> None:
+    driver, ok, child, driver_after, _ = _run({"ARROW_DEFAULT_MEMORY_POOL": "mimalloc"})
+    assert (driver, ok, child, driver_after) == ("mimalloc", "False", "mimalloc", "mimalloc")

@@ -40,26 +40,6 @@ def test_budget_parsing_and_estimates(fm_badnet):
     assert estimate_samples(paths[:1]) == N_TRAIN // 4  # a subset of the manifest's shards: its share
 
 
-def test_data_limits_set_the_budget_and_a_block_size_under_it():
-    """data.inflight_bytes caps Ray Data's blocks in flight, and blocks are at most 1/32 of it (within
-    8-128 MiB), so a task started before Ray knows its output size overshoots by little."""
-    import ray.data
-
-    from ctray.config import load_config
-    from ctray.engine.cluster import apply_data_limits
-
-    ctx = ray.data.DataContext.get_current()
-    old = (ctx.execution_options.resource_limits, ctx.target_max_block_size)
-    try:
-        for setting, block in (("1GB", 10**9 // 32), ("100MB", 8 * 2**20), ("64GB", 128 * 2**20)):
-            budget = apply_data_limits(load_config("smoke", {"data.inflight_bytes": setting}))
-            assert budget == parse_bytes(setting)
-            assert ctx.execution_options.resource_limits.object_store_memory == budget
-            assert ctx.target_max_block_size == block
-    finally:
-        ctx.execution_options.resource_limits, ctx.target_max_block_size = old
-
-
 def test_streaming_path_detects_badnet_with_exact_accounting(fm_badnet, tmp_path, caplog):
     """The web-scale shape: nothing of D cached; round 0 (f_base and pretraining on all of D, 3.1 MB decoded)
     streams its epochs, rounds 1+ (D_r <= N/2, 1.6 MB) fit the 2 MB worker budget and are loaded by

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ctray.benchmarks.read import FMNIST_DIR, load_fashion_mnist
+from ctray.memory import worker_env
 
 SIZE = 64
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -235,7 +236,7 @@ def run_size(n: int, work: str, args: argparse.Namespace) -> dict[str, Any]:
     subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, check=False)
     start = subprocess.run([RAY, "start", "--head", "--include-dashboard=false", "--disable-usage-stats",
                             f"--object-store-memory={args.object_store}", "--port=6390"],
-                           env=env, capture_output=True, text=True, check=False)
+                           env=worker_env(env), capture_output=True, text=True, check=False)  # ctray.memory
     if start.returncode != 0:
         raise RuntimeError(f"ray start failed: {start.stderr[-2000:]}")
     address = "127.0.0.1:6390"

@@ -48,7 +48,6 @@ from ray.data.datasource import Datasource, ReadTask
 
 from ctray.data.shards import ImageSpec, Record, expand_shards, iter_shard, sample_id, shard_ids
 from ctray.errors import DataError
-from ctray.memory import use_system_arrow_pool
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +179,6 @@ def _read_shard_group(paths: Sequence[str], ids: Sequence[str], spec: ImageSpec,
     """The body of one read task: parse ``paths`` in order, yield tables of <= ``rows_per_block`` rows.
     With ``keep`` (an ObjectRef of, or a, sorted int64 array of sample ids) only those samples are
     decoded and yielded."""
-    use_system_arrow_pool()
     kept = None
     if keep is not None:
         kept = np.asarray(ray.get(keep) if isinstance(keep, ray.ObjectRef) else keep, dtype=np.int64)

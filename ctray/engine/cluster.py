@@ -39,11 +39,12 @@ def ensure_ray(cfg: Config | None = None) -> None:
     apply its Ray Data limits (:func:`apply_data_limits`)."""
     import ray
 
-    from ctray.memory import use_system_arrow_pool
+    from ctray.memory import use_system_arrow_pool, worker_pool_for_children
 
     use_system_arrow_pool()  # the driver streams every pass's rows: see ctray.memory
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        worker_pool_for_children()  # a local Ray's processes move the images: jemalloc (ctray.memory)
         ray.init(log_to_driver=True, logging_level=logging.WARNING)
     # Ray's helper processes (e.g. Train's placement-group cleaner) call a bare ray.init(): point them at
     # this cluster, or they fail when another local Ray runs on the same machine. RAY_ADDRESS=local (a
@@ -64,10 +65,6 @@ def ensure_ray(cfg: Config | None = None) -> None:
 
 #: ``data.inflight_bytes=auto``: this share of the cluster's object store for Ray Data's blocks in flight.
 INFLIGHT_SHARE = 0.25
-#: Ray Data's blocks are at most 1/BLOCK_SHARE of the in-flight budget, within [MIN, MAX]_BLOCK_BYTES.
-BLOCK_SHARE = 32
-MIN_BLOCK_BYTES = 8 * 2**20
-MAX_BLOCK_BYTES = 128 * 2**20  # Ray's default
 
 
 def inflight_budget(cfg: Config) -> int:
@@ -91,16 +88,9 @@ def apply_data_limits(cfg: Config) -> int:
     import ray.data
 
     budget = inflight_budget(cfg)
-    ctx = ray.data.DataContext.get_current()
-    opts = ctx.execution_options
+    opts = ray.data.DataContext.get_current().execution_options
     opts.resource_limits = opts.resource_limits.copy(object_store_memory=float(budget))
-    # Blocks at most 1/BLOCK_SHARE of the budget: Ray Data knows a task's output size only after its
-    # first block, so each task started before then may overshoot the budget by its buffered blocks. With
-    # Ray's 128 MiB blocks (a 5,000-image 64 px shard is one 61 MB block) those overshoots were the store's
-    # peaks at execution starts, larger with more read tasks (the scale benchmark: docs/scale.md).
-    ctx.target_max_block_size = int(min(MAX_BLOCK_BYTES, max(MIN_BLOCK_BYTES, budget // BLOCK_SHARE)))
-    log.info("Ray Data: at most %.0f MB of blocks in flight in the object store (data.inflight_bytes), "
-             "blocks up to %.0f MB", budget / 1e6, ctx.target_max_block_size / 1e6)
+    log.info("Ray Data: at most %.0f MB of blocks in flight in the object store (data.inflight_bytes)", budget / 1e6)
     return budget
 
 

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from ctray.core.index import ColumnFiller
-from ctray.memory import use_system_arrow_pool
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,6 @@ def _cached_call(batch: dict[str, np.ndarray], cls: type, kwargs: dict[str, Any]
     checkpoint re-written at the same path is never served from the cache."""
     inst = _PROCESS_CACHE.get(token)
     if inst is None:
-        use_system_arrow_pool()
         inst = _PROCESS_CACHE[token] = cls(**kwargs)
         while len(_PROCESS_CACHE) > _CACHE_PASSES:
             _PROCESS_CACHE.popitem(last=False)

@@ -441,9 +441,6 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
 
     from ctray import io as cio
-    from ctray.memory import use_system_arrow_pool
-
-    use_system_arrow_pool()  # streamed epochs pass every row of the shard through Arrow: see ctray.memory
     cfg, C, r = job["cfg"], int(job["num_classes"]), int(job.get("round", 0))
     mode = job.get("mode", "ct")
     ct, base_cfg, data_cfg, scale = cfg["ct"], cfg["base"], cfg["data"], cfg["scale"]
