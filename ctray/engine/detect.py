@@ -170,7 +170,33 @@ def _detect_locked(cfg: Config, on_round: Callable[[dict[str, Any]], None] | Non
         run.final_scores.pop("loss")
     outcome = _decide(run)
     run.mark("decide")
-    return _write_outputs(run, outcome, on_round)
+    result, final_info = _write_outputs(run, outcome)
+    del outcome
+    _report(run)
+    if on_round is not None:
+        on_round(final_info)
+    return result
+
+
+def _report(run: _Run) -> None:
+    """report.html, after the driver dropped its per-sample arrays (written to scores.parquet by now), so
+    the run's memory peak is not the report's pass on top of them."""
+    import gc
+
+    from ctray.memory import release_free_memory
+    from ctray.report import write_report
+
+    run.final_scores, run.round_losses, run.truth = None, [], None
+    run.sids = run.labels = np.empty(0, np.int64)
+    run.index = run.keep = None
+    gc.collect()
+    release_free_memory()
+    try:
+        write_report(run.out)  # a remote run directory is staged locally and the page uploaded
+    except Exception:  # the report is a view; a plotting failure must not lose the run's results
+        log.exception("report.html could not be written; results are in %s", run.out)
+    assert run.ident is not None
+    run.ident.store.close()
 
 
 def _load_state(cfg: Config, out: str, train_paths: list[str], clean_paths: list[str]) -> dict[str, Any]:
@@ -574,9 +600,10 @@ def _decide(run: _Run) -> _Outcome:
     return _Outcome(lr, cleansed, flagged, dec, canary)
 
 
-def _write_outputs(run: _Run, o: _Outcome, on_round: Callable[[dict[str, Any]], None] | None) -> DetectResult:
+def _write_outputs(run: _Run, o: _Outcome) -> tuple[DetectResult, dict[str, Any]]:
     """scores.parquet (streamed from the identity store, so the identity strings are never all in
-    memory), quarantine, shard/source tables, decisions, rounds, metrics, run.json, the report."""
+    memory), quarantine, shard/source tables, decisions, rounds, metrics, run.json. Returns the result and
+    the final ``on_round`` record (the caller writes the report, then calls ``on_round``)."""
     import ray
 
     from ctray.core.metrics import detection_metrics
@@ -695,24 +722,16 @@ def _write_outputs(run: _Run, o: _Outcome, on_round: Callable[[dict[str, Any]], 
         "clean": run.clean_paths, "preset": cfg.preset, "num_classes": C, "image_shape": list(run.spec.shape),
         "seconds": secs, "aggregate": agg_info, "max_member_bytes": run.spec.max_member_bytes,
         "driver_peak_rss_bytes": _peak_rss(), "driver_memory_mb": run.memory, "counts": counts})
-    try:
-        from ctray.report import write_report
-
-        write_report(out)  # a remote run directory is staged locally and the page uploaded
-    except Exception:  # the report is a view; a plotting failure must not lose the run's results
-        log.exception("report.html could not be written; results are in %s", out)
-    ident.store.close()
-    if on_round is not None:
-        on_round({"round": cfg.ct.rounds - 1, "rounds": cfg.ct.rounds, "final": True, "kept": None,
+    final_info = {"round": cfg.ct.rounds - 1, "rounds": cfg.ct.rounds, "final": True, "kept": None,
                   "kept_canaries": None, "canary_kept_share": None, "poison_kept_share": None,
                   "n_flagged": int(len(fl)), "flag_rate": float(len(fl) / n),
                   "canary_recall": o.canary["recall"] if o.canary else None,
-                  "cleansed": np.flatnonzero(o.cleansed).tolist(), "metrics": metrics["ct"] if metrics else None})
+                  "cleansed": np.flatnonzero(o.cleansed).tolist(), "metrics": metrics["ct"] if metrics else None}
     return DetectResult(run_dir=out, n_read=ident.n_read, n_usable=n, n_quarantined=ident.n_quarantined,
                         n_flagged=int(len(fl)), flagged_keys=[names[int(x)][:2] for x in run.sids[fl]],
                         cleansed_classes=np.flatnonzero(o.cleansed).tolist(),
                         weak_classes=np.flatnonzero(o.decision.weak).tolist(), metrics=metrics, seconds=secs,
-                        canary=o.canary, xclass=xdec.to_json() if xdec is not None else None)
+                        canary=o.canary, xclass=xdec.to_json() if xdec is not None else None), final_info
 
 
 def _by_sid(src_sids: np.ndarray, values: np.ndarray, sids: np.ndarray, fill: Any) -> np.ndarray:
