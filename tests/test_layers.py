@@ -13,7 +13,7 @@ ROOT = pathlib.Path(ctray.__file__).parent
 
 # layer of each package / top-level module; a module may import only from its own layer or below
 LAYERS = {
-    "_version": 0, "errors": 0, "io": 0, "progress": 0, "presets": 0,
+    "_version": 0, "errors": 0, "io": 0, "progress": 0, "presets": 0, "memory": 0,
     "core": 1,
     # config validates against the model registry and the byte budgets, so it sits beside the packages
     # that read it (none of core does)
