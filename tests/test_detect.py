@@ -341,6 +341,7 @@ def test_resume_fingerprint_ignores_machine_resources_only():
     assert fp() == fp(**{"data.score_actors": 8, "data.score_compute": "actors", "data.read_cpus": 1.0,
                          "scale.num_workers": 2})
     assert fp() != fp(**{"data.mean": 0.4}) and fp() != fp(**{"ct.lam.0": 21})
+    assert fp() != fp(**{"base.max_samples": 100})  # f_base on a sample is another run
 
 
 def test_cli_detect_usage_errors(tmp_path, capsys, fm_badnet):
