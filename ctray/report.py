@@ -180,6 +180,10 @@ def _load_scores(path: str, top_k: int, max_rows: int | None = None) -> tuple[pd
     def _bool(t: pa.Table, name: str) -> np.ndarray:
         return t.column(name).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
 
+    def _top(t: pa.Table) -> pa.Table:  # the k highest scores; NaN never outranks a number
+        sc = t.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        return t.take(np.argsort(-np.where(np.isnan(sc), -np.inf, sc), kind="stable")[:k])
+
     for b in pf.iter_batches(batch_size=65536):
         t = pa.Table.from_batches([b])
         fl = _bool(t, "flagged")
@@ -194,16 +198,12 @@ def _load_scores(path: str, top_k: int, max_rows: int | None = None) -> tuple[pd
         for c, m in zip(*np.unique(labels[fl], return_counts=True), strict=True):
             by_class[int(c)] = by_class.get(int(c), 0) + int(m)
         parts.append(t.take(np.flatnonzero(rng.random(t.num_rows) < frac)))
-        sc = t.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-        sc = np.where(np.isnan(sc), -np.inf, sc)
-        cand = t.take(np.argsort(-sc, kind="stable")[:k])
+        cand = _top(t)
         top = cand if top is None else pa.concat_tables([top, cand])
         if top.num_rows > 4 * k:
-            tsc = top.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-            top = top.take(np.argsort(-np.where(np.isnan(tsc), -np.inf, tsc), kind="stable")[:k])
+            top = _top(top)
     if top is not None:
-        tsc = top.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-        top = top.take(np.argsort(-np.where(np.isnan(tsc), -np.inf, tsc), kind="stable")[:k])
+        top = _top(top)
     tables = [*parts, *([top] if top is not None else [])]
     sample = pa.concat_tables(tables).combine_chunks().to_pandas().drop_duplicates(["shard", "key"])
     log.info("report: %d rows in scores.parquet; plots from a uniform sample of %d (report.MAX_ROWS)", n, len(sample))

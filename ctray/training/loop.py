@@ -441,6 +441,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
 
     from ctray import io as cio
+
     cfg, C, r = job["cfg"], int(job["num_classes"]), int(job.get("round", 0))
     mode = job.get("mode", "ct")
     ct, base_cfg, data_cfg, scale = cfg["ct"], cfg["base"], cfg["data"], cfg["scale"]
