@@ -1,12 +1,19 @@
 """Mergeable per-class feature moments and the per-class 2-D PCA of the final decision (ct.md §1.6).
 
-The engine never ships full feature matrices to the driver: every worker folds its feature blocks into a
-:class:`FeatureMoments` (count, sum, sum of outer products per class), the moments are merged, the
-principal axes are computed once, and workers project their own blocks with :func:`project`. Only the
-(N, 2) projections travel on.
+The engine never ships full feature matrices to the driver: feature blocks are folded into moments
+(count, sum, sum of outer products per class), the moments are merged, the principal axes are computed
+once per class, and workers project their own blocks with :func:`project`. Only the (N, 2) projections
+travel on.
 
-Memory: ``outer`` holds ``C * D * D`` float64 (CIFAR-10 ResNet-18: 10 x 512 x 512 = 21 MB; GTSRB
-43 classes: 90 MB; ImageNet narrow net 1000 x 64 x 64: 33 MB).
+Two containers:
+
+- :class:`FeatureMoments`: dense, all C classes at once (``outer`` is ``C * D * D`` float64: CIFAR-10
+  ResNet-18 10 x 512 x 512 = 21 MB). For few groups: the cross-class detector's four, the baselines.
+- :class:`ClassMoments` per class, built by :func:`fold_by_class` for the classes PRESENT in a block and
+  kept as the rows themselves until a class has more than D of them: a block's partial never exceeds
+  its own features, and whoever merges holds D x D only for the classes it owns. The final decision
+  merges these in class-partitioned reducers (``ctray.engine.classpca``): ImageNet-21k at D = 512
+  would be 44 GB as one dense ``FeatureMoments``.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from ctray.core.checks import check_matrix
 from ctray.core.distill import check_labels
 from ctray.errors import ConfigError, DataError
 
-__all__ = ["FeatureMoments", "project"]
+__all__ = ["ClassMoments", "FeatureMoments", "fold_by_class", "merge_by_class", "project"]
 
 # Below this many rows per distinct label, per-sample outer products (chunked) beat one GEMM per class.
 _ROWS_PER_GROUP_FOR_GEMM = 8
@@ -168,18 +175,175 @@ class FeatureMoments:
             ConfigError: ``k`` outside ``[1, D]``.
         """
         d = self.dim
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= d:
-            raise ConfigError(f"k must be an integer in [1, {d}] (the feature dimension), got {k!r}")
+        _check_k(k, d)
         covs = self.covariances()
         axes = np.zeros((self.num_classes, d, k))
         for c in np.flatnonzero(self.count >= 2):
-            _, vecs = scipy.linalg.eigh(covs[c], subset_by_index=[d - k, d - 1])  # ascending eigenvalues
-            vecs = vecs[:, ::-1]
-            pivot = np.argmax(np.abs(vecs), axis=0)
-            signs = np.sign(vecs[pivot, np.arange(k)])
-            signs[signs == 0] = 1.0
-            axes[c] = vecs * signs
+            axes[c] = _top_axes(covs[c], k)
         return axes
+
+
+def _check_k(k: int, d: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= d:
+        raise ConfigError(f"k must be an integer in [1, {d}] (the feature dimension), got {k!r}")
+
+
+def _top_axes(cov: np.ndarray, k: int) -> np.ndarray:
+    """float64 (D, k): the unit eigenvectors of the k largest eigenvalues of a symmetric (D, D) ``cov``,
+    largest first, each flipped so its largest-magnitude component (the first on ties) is positive."""
+    d = cov.shape[0]
+    _, vecs = scipy.linalg.eigh(cov, subset_by_index=[d - k, d - 1])  # ascending eigenvalues
+    vecs = vecs[:, ::-1]
+    pivot = np.argmax(np.abs(vecs), axis=0)
+    signs = np.sign(vecs[pivot, np.arange(k)])
+    signs[signs == 0] = 1.0
+    return vecs * signs
+
+
+@dataclass
+class ClassMoments:
+    """One class's raw feature moments, mergeable and exact, in a form bounded by D.
+
+    The sum of outer products is kept in two parts: ``outer`` (float64 (D, D), or None until needed) and
+    up to D pending ``rows`` (float64 (m, D), m <= D) whose products are not formed yet; when a merge
+    would leave more than D pending rows they are folded into ``outer`` with one GEMM. So a class seen
+    a few times per block stays its rows (a block's partial never costs more than the block's own
+    features in float64), a class costs at most ``2 * D * D`` floats however many rows it has, and a
+    reducer merging many small partials into a large class touches its D x D sum once per D rows, not
+    once per block. With many classes (ImageNet: 1,000, a few rows each per block) nothing of size
+    ``C * D * D`` exists per block, and a reducer holds D x D only for the classes it owns.
+
+    Attributes:
+        count: rows folded in (>= 0).
+        sum: float64 (D,) sum of the rows.
+        rows: float64 (m, D), ``m <= D``: rows whose outer products are not in ``outer`` yet.
+        outer: float64 (D, D) sum of ``x x^T`` over the other ``count - m`` rows, or None when there
+            are none.
+    """
+
+    count: int
+    sum: np.ndarray
+    rows: np.ndarray
+    outer: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.count = int(self.count)
+        self.sum = np.asarray(self.sum, dtype=np.float64)
+        if self.sum.ndim != 1:
+            raise DataError(f"ClassMoments.sum must be 1-D (D,), got shape {self.sum.shape}")
+        d = self.sum.shape[0]
+        self.rows = np.asarray(self.rows, dtype=np.float64)
+        if self.rows.ndim != 2 or self.rows.shape[1] != d or self.rows.shape[0] > d:
+            raise DataError(f"ClassMoments.rows must be (m, D) with m <= D = {d}, got {self.rows.shape}")
+        if self.outer is not None:
+            self.outer = np.asarray(self.outer, dtype=np.float64)
+            if self.outer.shape != (d, d):
+                raise DataError(f"ClassMoments.outer must be (D, D) = {(d, d)}, got {self.outer.shape}")
+        elif self.rows.shape[0] != self.count:
+            raise DataError(f"ClassMoments without outer must hold all its rows: count {self.count}, "
+                            f"rows {self.rows.shape[0]}")
+
+    @classmethod
+    def of_rows(cls, x: np.ndarray) -> ClassMoments:
+        """The moments of the rows of float (n, D) ``x`` (n >= 0): the rows themselves while n <= D,
+        else their D x D outer-product sum."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2:
+            raise DataError(f"ClassMoments.of_rows needs (n, D) rows, got shape {x.shape}")
+        if x.shape[0] <= x.shape[1]:
+            return cls(x.shape[0], x.sum(axis=0), rows=x.copy())
+        return cls(x.shape[0], x.sum(axis=0), rows=np.zeros((0, x.shape[1])), outer=x.T @ x)
+
+    @property
+    def dim(self) -> int:
+        """D."""
+        return int(self.sum.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays held: ``8 * D * (1 + m)`` plus ``8 * D * D`` once ``outer`` exists."""
+        return int(self.sum.nbytes + self.rows.nbytes + (self.outer.nbytes if self.outer is not None else 0))
+
+    def outer_sum(self) -> np.ndarray:
+        """float64 (D, D): the sum of ``x x^T`` over every row folded in."""
+        pending = self.rows.T @ self.rows
+        return pending if self.outer is None else self.outer + pending
+
+    def merge(self, other: ClassMoments) -> ClassMoments:
+        """The moments of both row sets (same D); a new object, inputs untouched (an ``outer`` may be
+        shared with an input, never written).
+
+        Raises:
+            DataError: ``other`` is not ClassMoments or has another D.
+        """
+        if not isinstance(other, ClassMoments):
+            raise DataError(f"other must be ClassMoments, got {type(other).__name__}")
+        if other.dim != self.dim:
+            raise DataError(f"cannot merge class moments of D = {self.dim} and D = {other.dim}")
+        outers = [o for o in (self.outer, other.outer) if o is not None]
+        outer = None if not outers else outers[0] if len(outers) == 1 else outers[0] + outers[1]
+        rows = np.concatenate([self.rows, other.rows]) if len(other.rows) else self.rows
+        if rows.shape[0] > self.dim:  # fold the pending rows in: one GEMM per D rows
+            folded = rows.T @ rows
+            outer = folded if outer is None else outer + folded
+            rows = rows[:0]
+        return ClassMoments(self.count + other.count, self.sum + other.sum, rows=rows, outer=outer)
+
+    def mean(self) -> np.ndarray:
+        """float64 (D,); zeros when no rows were folded in."""
+        return self.sum / self.count if self.count else np.zeros(self.dim)
+
+    def axes(self, k: int = 2) -> np.ndarray:
+        """float64 (D, k): the top-``k`` principal directions of the centred rows, as
+        :meth:`FeatureMoments.principal_axes` computes them for one class (same sign convention);
+        zeros with fewer than 2 rows.
+
+        Raises:
+            ConfigError: ``k`` outside ``[1, D]``.
+        """
+        d = self.dim
+        _check_k(k, d)
+        if self.count < 2:
+            return np.zeros((d, k))
+        mu = self.mean()
+        cov = self.outer_sum() / self.count - np.outer(mu, mu)
+        return _top_axes(0.5 * (cov + cov.T), k)
+
+
+def fold_by_class(features: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[int, ClassMoments]:
+    """A block's features folded per class present: ``{class: ClassMoments}``, only the classes whose
+    label occurs in ``labels``. Memory: at most the block's features in float64 (each class in the
+    smaller of its rows and a D x D sum), never anything of size ``num_classes``.
+
+    Args:
+        features: float (B, D) finite.
+        labels: int (B,) in ``[0, num_classes)``.
+
+    Raises:
+        DataError: shapes disagree, labels out of range, non-finite features.
+    """
+    x = check_matrix(features, "features")
+    lab = check_labels(labels, num_classes)
+    if x.shape[0] != lab.shape[0]:
+        raise DataError(f"features and labels must have the same length, got {x.shape[0]} and {lab.shape[0]}")
+    if not lab.size:
+        return {}
+    order = np.argsort(lab, kind="stable")
+    xs, ls = x[order], lab[order]
+    uniq, starts = np.unique(ls, return_index=True)
+    ends = np.append(starts[1:], ls.size)
+    return {int(c): ClassMoments.of_rows(xs[s:e]) for c, s, e in zip(uniq, starts, ends, strict=True)}
+
+
+def merge_by_class(into: dict[int, ClassMoments], parts: dict[int, ClassMoments]) -> None:
+    """Fold ``parts`` into ``into`` class by class, in place (``into`` gains the classes it lacked).
+
+    Raises:
+        DataError: a class's D differs between the two.
+    """
+    for c, m in parts.items():
+        have = into.get(c)
+        into[c] = m if have is None else have.merge(m)
 
 
 def project(features: np.ndarray, labels: np.ndarray, axes: np.ndarray, means: np.ndarray) -> np.ndarray:

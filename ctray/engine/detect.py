@@ -412,40 +412,41 @@ def _train_set(run: _Run, kept: np.ndarray | None) -> tuple[Any, np.ndarray]:
 
 def _final_pass(run: _Run, ckpt_dir: str, what: str) -> tuple[dict[str, np.ndarray], Any]:
     """Score all of D (+ canaries) with the final model while each block's per-shard/per-source partials
-    stream to a fresh aggregator actor; then the within-class 2-D projections of the features.
-    Cached D: the scores and features are materialized once and projected from the object store.
-    Streamed D: one pass yields the scalar columns and the per-class feature moments, a second pass
+    stream to a fresh aggregator actor and its per-class feature moments to class-partitioned reducers
+    (:mod:`ctray.engine.classpca`); then the within-class 2-D projections of the features.
+    Cached D: the scores and features are materialized once (the feeds run then) and projected from the
+    object store. Streamed D: one pass yields the scalar columns and feeds the moments, a second pass
     rescores and projects; the features never sit anywhere. Returns ``(columns, agg)``: ``loss, pred,
     prob, proj_x, proj_y`` in the driver's order, each sample checked to come exactly once."""
     from ctray.core.index import ColumnFiller
     from ctray.engine.aggregate import feed_aggregator, start_aggregator
-    from ctray.engine.score import (
-        class_projections,
-        collect_scores,
-        project_features,
-        score_dataset,
-        scores_and_moments,
-    )
+    from ctray.engine.classpca import class_axes, feed_reducers, start_reducers, stop_reducers
+    from ctray.engine.score import collect_scores, project_features, score_dataset
     from ctray.training.loop import CONFUSED
 
     cfg, spec, C = run.cfg, run.spec, run.C
     agg = start_aggregator(C, cfg.aggregate.bins, cfg.aggregate.top_k)
+    reducers = start_reducers(C)
     sc_ds = score_dataset(run.d_final, ckpt_dir, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data,
                           with_features=True, passthrough=("shard", "source"))
     sc_ds = feed_aggregator(sc_ds, agg, C, cfg.aggregate.bins, cfg.aggregate.top_k, cfg.data.read_cpus)
+    sc_ds = feed_reducers(sc_ds, reducers, C, cfg.data.read_cpus)
     fill = ColumnFiller(run.index, {"loss": np.float32, "pred": run.lab_dt, "prob": np.float32})
     pfill = ColumnFiller(run.index, {"proj_x": np.float32, "proj_y": np.float32})
-    if run.cached:
-        held = sc_ds.materialize()
-        collect_scores(held, ("sid", "loss", "pred", "prob"), into=fill)
+    try:
+        if run.cached:
+            again = sc_ds.materialize()  # the feeds run once, here
+            collect_scores(again, ("sid", "loss", "pred", "prob"), into=fill)
+        else:
+            collect_scores(sc_ds, ("sid", "loss", "pred", "prob"), into=fill)
+            again = score_dataset(run.d_final, ckpt_dir, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height,
+                                  cfg.data, with_features=True)
         cols = fill.finish(what)
-        class_projections(held, C, cfg.data.read_cpus, into=pfill)
-        return {**cols, **pfill.finish(f"{what} (projections)")}, agg
-    moments = scores_and_moments(sc_ds, C, cfg.data.read_cpus, into=fill)[1]
-    cols = fill.finish(what)
-    again = score_dataset(run.d_final, ckpt_dir, CONFUSED, cfg.ct.arch, spec.channels, C, spec.height, cfg.data,
-                          with_features=True)
-    project_features(again, moments.principal_axes(2), moments.means(), cfg.data.read_cpus, into=pfill)
+    except BaseException:
+        stop_reducers(reducers)  # a long-lived driver (a sweep) must not keep a failed run's actors
+        raise
+    axes, means, _ = class_axes(reducers, C, 2)
+    project_features(again, axes, means, cfg.data.read_cpus, into=pfill)
     return {**cols, **pfill.finish(f"{what} (projections)")}, agg
 
 

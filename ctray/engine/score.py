@@ -196,81 +196,12 @@ def feature_moments(scored_with_features: Any, num_classes: int, num_cpus: float
     return total
 
 
-class _ScalarsMoments:
-    """``map_batches`` combiner: the scalar columns of each row, and the batch's per-class feature moments
-    (a pickled :class:`~ctray.core.pca.FeatureMoments`) in the ``moments`` column of its first row (empty
-    bytes in the others), so one pass yields both without the features leaving the task."""
-
-    def __init__(self, num_classes: int, columns: tuple[str, ...]):
-        self.num_classes, self.columns = num_classes, columns
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import pickle
-
-        from ctray.core.pca import FeatureMoments
-
-        feats = np.asarray(batch["features"], dtype=np.float64)
-        m = FeatureMoments.zeros(self.num_classes, feats.shape[1])
-        m.update(feats, np.asarray(batch["label"], dtype=np.int64))
-        blobs = np.full(len(feats), b"", dtype=object)
-        if len(feats):
-            blobs[0] = pickle.dumps(m)
-        return {**{c: batch[c] for c in self.columns}, "moments": blobs}
-
-
-def scores_and_moments(scored_with_features: Any, num_classes: int, num_cpus: float,
-                       columns: tuple[str, ...] = ("sid", "loss", "pred", "prob"),
-                       into: ColumnFiller | None = None) -> tuple[dict[str, np.ndarray], Any]:
-    """One streaming pass over a scored dataset with ``features``: the per-sample ``columns`` (as
-    :func:`collect_scores`, ``into`` included) and the per-class feature moments merged on the driver (C x D x D per batch
-    of 8,192 rows reaches it, never the features). For a final pass that cannot keep its features.
-
-    Raises:
-        RuntimeError: the dataset is empty.
-    """
-    import pickle
-
-    rows = scored_with_features.map_batches(_ScalarsMoments, fn_constructor_kwargs={"num_classes": num_classes,
-                                                                                    "columns": columns},
-                                            batch_size=8192, batch_format="numpy", num_cpus=num_cpus)
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
-    total = None
-    for b in rows.iter_batches(batch_size=None, batch_format="numpy"):
-        if into is not None:
-            into.add(b["sid"], b)
-        else:
-            for c in columns:
-                parts[c].append(b[c])
-        for blob in b["moments"]:
-            if len(blob):
-                m = pickle.loads(blob)
-                total = m if total is None else total.merge(m)
-    if total is None:
-        raise RuntimeError("no features to project (empty scored dataset)")
-    return ({} if into is not None else {c: np.concatenate(v) for c, v in parts.items()}), total
-
-
 def project_features(scored_with_features: Any, axes: np.ndarray, means: np.ndarray,
                      num_cpus: float, into: ColumnFiller | None = None) -> dict[str, np.ndarray]:
-    """Each sample's features projected on its class's axes (``axes (C, 2, D)``, ``means (C, D)``), in one
+    """Each sample's features projected on its class's axes (``axes (C, D, 2)``, ``means (C, D)``), in one
     streaming pass; returns ``{"sid", "proj_x", "proj_y"}`` (2 floats per sample reach the driver), or
     writes them ``into`` a filler (:func:`collect_scores`)."""
     feats = scored_with_features.select_columns(["sid", "label", "features"], num_cpus=PROJECT_CPUS)
     projected = feats.map_batches(_project_batch, fn_kwargs={"axes": axes, "means": means}, batch_size=4096,
                                   batch_format="numpy", num_cpus=num_cpus)
     return collect_scores(projected, ("sid", "proj_x", "proj_y"), into=into)
-
-
-def class_projections(scored_with_features: Any, num_classes: int, num_cpus: float,
-                      into: ColumnFiller | None = None) -> dict[str, np.ndarray]:
-    """Within-class 2-D PCA projections of every sample (the decision's first step, specs/ct.md §1.6).
-
-    Two streaming passes over the materialized scores, no shuffle: (1) per-batch per-class moments
-    (count, sum, outer products; ``ctray.core.pca.FeatureMoments``, associative merge) summed on the
-    driver, whose top-2 eigenvectors per class are the principal axes; (2) each sample projected on
-    its class's axes. The driver receives C x D x D moments per batch and 2 floats per sample, never the
-    features. Returns ``{"sid", "proj_x", "proj_y"}`` (or writes them ``into`` a filler).
-    """
-    feats = scored_with_features.select_columns(["sid", "label", "features"], num_cpus=PROJECT_CPUS)
-    total = feature_moments(feats, num_classes, num_cpus)
-    return project_features(feats, total.principal_axes(2), total.means(), num_cpus, into=into)
