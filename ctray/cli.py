@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ctray._version import __version__
 from ctray.errors import CtrayError
@@ -219,7 +220,38 @@ def _run_presets(args: argparse.Namespace) -> int:
               f"{cost.pretrain_passes:>8.1f} {cost.confusion_samples:>17,} {cost.forward_passes:>14} {rel:>12}")
     print("(vs reference: all training samples through the model at this N; floors n_c // floor_k left out; "
           "`ctray presets --yaml` prints the presets themselves)")
+    _print_steps_and_checkpoints(n, rows)
     return 0
+
+
+def _print_steps_and_checkpoints(n: int, rows: list[tuple[str, Any, Any]]) -> None:
+    """The second table of ``ctray presets``: sequential steps and in-round checkpoint volume at N."""
+    from ctray.core.cost import checkpoint_bytes, schedule_steps
+    from ctray.models import build_model
+
+    params: dict[str, int] = {}
+
+    def n_params(arch: str) -> int:  # 3 channels, 10 classes, 32 px: within 1% of other sizes for these models
+        if arch not in params:
+            params[arch] = sum(p.numel() for p in build_model(arch, 3, 10, 32).parameters())
+        return params[arch]
+
+    print(f"\nSteps and in-round checkpoints at N = {n:,} (steps: sequential global batches; MB per checkpoint "
+          "in the f_base phase / in CT's phases: the model in training + its optimizer; before, CT's also "
+          "carried f_base and the round's base):")
+    print(f"{'preset':<24} {'steps':>12} {'f_base':>11} {'pretrain':>11} {'confusion':>9} {'MB f_base / CT':>15} "
+          f"{'CT before':>9} {'every 2,000 steps (before)':>27}")
+    for name, c, _ in rows:
+        st = schedule_steps(n, c.base.epochs, c.base.batch_size, c.ct.pretrain_epochs, c.ct.pretrain_batch_size,
+                            c.ct.keep_ratio, c.ct.iters, c.base.max_samples, bool(c.base.checkpoint))
+        fb_mb, ct_mb = checkpoint_bytes(n_params(c.base.arch)) / 1e6, checkpoint_bytes(n_params(c.ct.arch)) / 1e6
+        before = checkpoint_bytes(n_params(c.ct.arch), n_params(c.base.arch) + n_params(c.ct.arch)) / 1e6
+        count = st.fbase // 2000 + (st.pretrain + st.confusion) // 2000
+        gb = (st.fbase // 2000 * fb_mb + (st.pretrain + st.confusion) // 2000 * before) / 1e3
+        print(f"{name:<24} {st.total:>12,} {st.fbase:>11,} {st.pretrain:>11,} {st.confusion:>9,} "
+              f"{f'{fb_mb:.1f} / {ct_mb:.1f}':>15} {before:>9.1f} {f'{count:,} x, {gb:,.1f} GB':>27}")
+    print("(now: scale.checkpoint_minutes (10) of wall time apart, 6 an hour whatever N, plus one per phase end; "
+          "MB for float32 weights + SGD momentum)")
 
 
 def _run_report(args: argparse.Namespace) -> int:

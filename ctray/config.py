@@ -171,12 +171,16 @@ class ScaleConfig:
     # to a node type; counted when sizing cpus_per_worker (only node types that have them host workers)
     worker_resources: dict[str, float] = field(default_factory=dict)
     torch_threads: int = 0  # 0 = auto: cpus_per_worker rounded down (>= 1), at most the worker machine's cores
-    # steps between in-round Ray Train checkpoints with worker processes (on top of one after f_base and
-    # one after pretraining): a killed worker redoes at most this many steps. Each one uploads model +
-    # optimizer state (~90 MB for ResNet-18); 2000 is ~1.3 epochs of the reference pretraining (1,563
-    # steps/epoch) and 1/3 of a reference confusion round. 0 = phase boundaries only. Local mode
-    # (num_workers=0) writes none: there the driver is the only process, and reruns resume per round.
-    checkpoint_every: int = 2000
+    # In-round Ray Train checkpoints with worker processes (on top of one after f_base and one after
+    # pretraining): a killed worker redoes at most this much. By wall time, so their volume follows the
+    # run's hours, not N: a step count grows with N (2,000 steps was ~29,000 checkpoints of ~90-180 MB
+    # for a 10M-image reference run; every 10 minutes is 6 an hour whatever N). Each holds the model
+    # being trained + its optimizer state (~90 MB for ResNet-18); finished phases' weights are referenced
+    # in the round's directory, not copied. Both 0 = phase boundaries only. Local mode (num_workers=0)
+    # writes none: there the driver is the only process, and reruns resume per round.
+    checkpoint_minutes: float = 10.0  # wall minutes between checkpoints (0 = not by time)
+    checkpoint_every: int = 0  # steps between checkpoints (0 = not by steps), e.g. for tests
+    checkpoint_async: bool = True  # upload in the background (Ray Train's ASYNC mode); training goes on
     max_failures: int = 2  # worker-group restarts per round's fit before the run fails (Ray Train FailureConfig)
 
 
@@ -499,9 +503,10 @@ class Config:
             raise ConfigError(f"base.max_samples must be an integer >= 0 (0 = all of D), got {self.base.max_samples!r}")
         if self.base.augment not in TRAIN_AUGMENTS:
             raise ConfigError(f"base.augment must be crop-flip, crop or none, got {self.base.augment!r}")
-        if self.scale.checkpoint_every < 0 or self.scale.max_failures < 0:
-            raise ConfigError(f"scale.checkpoint_every and scale.max_failures must be >= 0, got "
-                              f"{self.scale.checkpoint_every} and {self.scale.max_failures}")
+        if self.scale.checkpoint_every < 0 or self.scale.max_failures < 0 or self.scale.checkpoint_minutes < 0:
+            raise ConfigError(f"scale.checkpoint_every, scale.checkpoint_minutes and scale.max_failures must be "
+                              f">= 0, got {self.scale.checkpoint_every}, {self.scale.checkpoint_minutes} and "
+                              f"{self.scale.max_failures}")
         if self.scale.num_workers < 0:
             raise ConfigError(f"scale.num_workers must be >= 0 (0 = local mode), got {self.scale.num_workers}")
         from ctray.core.budget import parse_bytes

@@ -54,3 +54,34 @@ def test_fbase_on_a_sample_or_given_costs_less_at_large_n():
     assert capped.pretrain_passes == full.pretrain_passes
     assert schedule_cost(*args, base_max_samples=200_000, n=100_000).fbase_passes == 100  # N below the cap
     assert schedule_cost(*args, fbase_given=True).fbase_passes == 0
+
+
+def test_schedule_steps_and_checkpoint_bytes():
+    from ctray.core.cost import checkpoint_bytes, schedule_steps
+
+    # f_base 2 epochs of ceil(1000/128) = 8 steps; pretraining 3 x ceil(1000/100) + 2 x ceil(500/100)
+    st = schedule_steps(1000, 2, 128, [3, 2], 100, [0.5], [40, 60])
+    assert (st.fbase, st.pretrain, st.confusion, st.total) == (16, 40, 100, 156)
+    assert schedule_steps(1000, 2, 128, [3, 2], 100, [0.5], [40, 60], base_max_samples=256).fbase == 4
+    assert schedule_steps(1000, 2, 128, [3, 2], 100, [0.5], [40, 60], fbase_given=True).fbase == 0
+    # the figure: the reference schedule is ~58M sequential steps at 10M images
+    from ctray.config import load_config
+
+    c = load_config("reference-cifar")
+    ref = schedule_steps(10**7, c.base.epochs, c.base.batch_size, c.ct.pretrain_epochs, c.ct.pretrain_batch_size,
+                         c.ct.keep_ratio, c.ct.iters)
+    assert ref.total == pytest.approx(58.09e6, rel=0.001)
+    assert checkpoint_bytes(1000) == 8000 and checkpoint_bytes(1000, 500) == 10000
+    with pytest.raises(ConfigError, match="disagree"):
+        schedule_steps(1000, 2, 128, [3, 2], 100, [], [40, 60])
+    with pytest.raises(ConfigError, match=">= 1"):
+        schedule_steps(0, 2, 128, [3], 100, [], [40])
+
+
+def test_presets_prints_steps_and_checkpoint_volume(capsys):
+    assert main(["presets", "--n", "10000000"]) == 0
+    out = capsys.readouterr().out.split("Steps and in-round checkpoints")[1]
+    ref = next(x for x in out.splitlines() if x.startswith("reference-cifar ")).split()
+    # ResNet-18 (11.2M parameters): 89 MB now (weights + momentum), 179 MB before (+ f_base + base)
+    assert ref[1] == "58,090,500" and ref[5:8] == ["89.4", "/", "89.4"]
+    assert float(ref[8]) == pytest.approx(2 * 89.4, rel=0.01) and ref[9] == "29,045"

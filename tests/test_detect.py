@@ -204,7 +204,7 @@ def test_detects_badnet_two_workers_ddp(fm_badnet, tmp_path):
     assert m["tpr"] >= 0.8, m
     assert m["fpr"] <= 0.02, m
     rounds = json.load(open(tmp_path / "run" / "rounds.json"))
-    assert len(rounds) == 6 and rounds[0]["kept"] == N_TRAIN // 2
+    assert len(rounds) == 6 and rounds[0]["kept"] >= N_TRAIN // 2  # per-class floors may add a few (as at 1 worker)
 
 
 @pytest.mark.slow

@@ -179,4 +179,7 @@ def test_detect_s3_real_worker_ray_train_storage_and_resume(bucket):
     assert p2.returncode == 0, p2.stderr[-3000:]
     assert "2 of 2 rounds already done" in p2.stderr
     again = _scores(bucket, "r2")
-    assert again[["shard", "key", "flagged"]].equals(scores[["shard", "key", "flagged"]])
+    # rows come in the identity pass's read order, which a rerun need not repeat: compare per sample
+    cols = ["shard", "key", "flagged", "round_loss_0", "round_loss_1"]
+    first, second = (x[cols].sort_values(["shard", "key"]).reset_index(drop=True) for x in (scores, again))
+    assert second.equals(first)

@@ -65,3 +65,49 @@ def schedule_cost(base_epochs: int, pretrain_epochs: Sequence[int], keep_ratio: 
     return ScheduleCost(fbase_passes=fb, pretrain_passes=float(pre),
                         confusion_samples=int(sum(iters)) * int(batch_size),
                         forward_passes=rounds + 2 + (2 if xclass else 0))
+
+
+@dataclass(frozen=True)
+class ScheduleSteps:
+    """Sequential optimizer steps of a schedule at N (each a global batch): ``fbase``, ``pretrain`` (all
+    rounds), ``confusion`` (all rounds). Wall time follows these, whatever the worker count, while the
+    global batch stays fixed."""
+
+    fbase: int
+    pretrain: int
+    confusion: int
+
+    @property
+    def total(self) -> int:
+        return self.fbase + self.pretrain + self.confusion
+
+
+def schedule_steps(n: int, base_epochs: int, base_batch: int, pretrain_epochs: Sequence[int], pretrain_batch: int,
+                   keep_ratio: Sequence[float], iters: Sequence[int], base_max_samples: int = 0,
+                   fbase_given: bool = False) -> ScheduleSteps:
+    """The steps of a schedule at N = ``n`` (config fields as :func:`schedule_cost`, plus ``base.batch_size``
+    and ``ct.pretrain_batch_size``): ``epochs * ceil(set / batch)`` per phase, round r >= 1 on
+    ``keep_ratio[r - 1] * n`` samples (floors and the reserve's few samples in late pretraining left out).
+
+    Raises:
+        ConfigError: ``n`` < 1, batch sizes < 1, or list lengths that disagree.
+    """
+    if n < 1 or base_batch < 1 or pretrain_batch < 1:
+        raise ConfigError(f"n and batch sizes must be >= 1, got n={n}, {base_batch}, {pretrain_batch}")
+    if len(keep_ratio) != len(pretrain_epochs) - 1 or len(iters) != len(pretrain_epochs):
+        raise ConfigError("schedule lists disagree: want rounds pretrain_epochs and iters, rounds - 1 keep ratios")
+    n_fb = min(n, base_max_samples) if base_max_samples else n
+    fb = 0 if fbase_given else base_epochs * -(-n_fb // base_batch)
+    share = [1.0, *[float(r) for r in keep_ratio]]
+    pre = sum(e * -(-max(1, round(s * n)) // pretrain_batch) for e, s in zip(pretrain_epochs, share, strict=True))
+    return ScheduleSteps(fbase=int(fb), pretrain=int(pre), confusion=int(sum(iters)))
+
+
+def checkpoint_bytes(trained_params: int, held_params: int = 0) -> int:
+    """Bytes of one in-round checkpoint's tensors: the model being trained and its SGD momentum buffers
+    (float32, 2 x ``trained_params``), plus ``held_params`` of finished phases' weights carried in it
+    (0 since they are referenced in the run directory; before, f_base and the round's base). Sampler
+    and generator states (a few KB per rank) left out."""
+    if trained_params < 0 or held_params < 0:
+        raise ConfigError("parameter counts must be >= 0")
+    return 4 * (2 * trained_params + held_params)

@@ -13,7 +13,8 @@ Flow (one final pass):
    ignores it, so nothing is counted twice.
 3. :func:`class_axes` asks every reducer for its classes' means and top-k axes and stops the actors.
 
-Memory: a reducer holds at most D x D float64 for each class it owns (128 classes x 512 x 512 = 268 MB);
+Memory: a reducer holds at most 2 x D x D float64 for each class it owns (the outer-product sum plus up
+to D pending rows: 128 classes at D = 512 = 537 MB; measured in :mod:`ctray.benchmarks.classpca`);
 the driver receives ``C x D x (k + 1)`` floats, never ``C x D x D`` (ImageNet-21k at D = 512 would be
 44 GB in one dense :class:`~ctray.core.pca.FeatureMoments`, and the per-batch dense blobs this replaces
 were ``C x D x D`` each).
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CLASSES_PER_REDUCER", "MomentReducer", "class_axes", "feed_reducers", "start_reducers", "stop_reducers"]
 
-#: Classes one reducer owns (at D = 512 at most 128 x 2 MB of outer products).
+#: Classes one reducer owns (at D = 512 at most 128 x 4 MB: outer-product sums and pending rows).
 CLASSES_PER_REDUCER = 128
 
 

@@ -476,7 +476,8 @@ def _round(run: _Run, r: int, on_round: Callable[[dict[str, Any]], None] | None)
     cfg_d["scale"]["torch_threads"] = run.threads
     job = {"cfg": cfg_d, "num_classes": C, "round": r, "train_fbase": run.fbase_ckpt is None,
            "fbase_ckpt": run.fbase_ckpt, "prev_base_ckpt": run.prev_ckpt, "keep": run.keep, "ckpt_dir": ckpt,
-           "checkpoint_every": every, "n_total": N, "image_shape": list(spec.shape),
+           "checkpoint_every": every, "checkpoint_seconds": 60.0 * cfg.scale.checkpoint_minutes,
+           "checkpoint_async": cfg.scale.checkpoint_async, "n_total": N, "image_shape": list(spec.shape),
            "class_counts": class_counts.tolist(),
            "fbase_keep": fbase_sample(run.sids, run.n_real, cfg.base.max_samples, cfg.seed)
            if run.fbase_ckpt is None else None}

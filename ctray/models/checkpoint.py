@@ -16,6 +16,7 @@ the spec on the command line.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -65,28 +66,36 @@ def _plain_state(model_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[st
 
 
 def save_model(path: str, model_or_state: nn.Module | dict[str, torch.Tensor], spec: ModelSpec,
-               extra: dict[str, Any] | None = None) -> None:
-    """Write a checkpoint of ``model_or_state`` (a module, DDP-wrapped or not, or a state dict) to ``path``."""
+               extra: dict[str, Any] | None = None) -> str:
+    """Write a checkpoint of ``model_or_state`` (a module, DDP-wrapped or not, or a state dict) to
+    ``path``; returns the SHA-256 (hex) of the bytes written, for a reference that must find the same
+    file later (:func:`read_checkpoint`'s ``sha256``)."""
     blob = {"format": FORMAT, "spec": asdict(spec), "state_dict": _plain_state(model_or_state),
             "extra": dict(extra or {})}
     buf = io.BytesIO()
     torch.save(blob, buf)
-    cio.write_bytes(path, buf.getvalue())
+    raw = buf.getvalue()
+    cio.write_bytes(path, raw)
+    return hashlib.sha256(raw).hexdigest()
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
+def read_checkpoint(path: str, sha256: str | None = None) -> dict[str, Any]:
     """Load a checkpoint file as its dict (``weights_only=True``: no code runs).
 
     Returns ``{"format", "spec" (dict or None), "state_dict", "extra"}``; a bare state dict comes back
     with ``format=None`` and ``spec=None``.
 
     Raises:
-        DataError: the file is missing or is not a torch checkpoint.
+        DataError: the file is missing, is not a torch checkpoint, or (with ``sha256``) has other bytes.
     """
     try:
         raw = cio.read_bytes(path)
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"model checkpoint {path} cannot be read: {e}") from e
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise DataError(f"model checkpoint {path} is not the file that was referenced (SHA-256 "
+                        f"{hashlib.sha256(raw).hexdigest()[:12]}..., expected {sha256[:12]}...): it was "
+                        "rewritten or damaged since")
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for non-checkpoint bytes
@@ -98,9 +107,10 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     raise DataError(f"{path}: neither a ctray model checkpoint ({FORMAT}) nor a state dict")
 
 
-def load_state(path: str) -> dict[str, torch.Tensor]:
-    """The state dict of a checkpoint file (either format)."""
-    return read_checkpoint(path)["state_dict"]  # type: ignore[no-any-return]
+def load_state(path: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint file (either format); with ``sha256``, only if the file's bytes
+    have that digest (else DataError)."""
+    return read_checkpoint(path, sha256)["state_dict"]  # type: ignore[no-any-return]
 
 
 def load_model(path: str, spec: ModelSpec | None = None) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:

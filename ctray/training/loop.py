@@ -11,11 +11,16 @@ worker; the confusion shift s_t and the mixed-vs-confusion-only decision are fun
 step t; every worker agrees by construction (no communication needed for it).
 
 Fault tolerance: with worker processes, the loop reports a Ray Train checkpoint at every phase boundary
-(after f_base, after pretraining) and every ``checkpoint_every`` steps inside a phase, holding the
-models, the optimizer (and lr scheduler) state, the step counter and every rank's sampler and
-augmentation generator state. When Ray Train restarts a failed worker group, the loop reads
-``ray.train.get_checkpoint()`` and continues from that position; with the same data shares (always
-for one worker) the continuation is the same computation as an uninterrupted run.
+(after f_base, after pretraining) and inside a phase when :class:`CheckpointClock` says so (every
+``scale.checkpoint_minutes`` of wall time, or ``scale.checkpoint_every`` steps), holding the model being
+trained, the optimizer (and lr scheduler) state, the step counter and every rank's sampler and
+augmentation generator state. What the run directory already holds is left out: a finished phase's
+weights (f_base, the round's base) are written to the round's directory when the phase ends and the
+checkpoint keeps a reference with their SHA-256; a sampler keeps the generator state its permutation was
+drawn from, not the permutation. Uploads run in the background (``scale.checkpoint_async``). When Ray
+Train restarts a failed worker group, the loop reads ``ray.train.get_checkpoint()`` and continues from
+that position; with the same data shares (always for one worker) the continuation is the same
+computation as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 import zlib
@@ -84,7 +90,13 @@ class Sampler:
     def __init__(self, n: int, batch: int, seed: int):
         self.n, self.batch = n, batch
         self.gen = torch.Generator().manual_seed(seed)
-        self.perm = torch.randperm(n, generator=self.gen) if n else torch.empty(0, dtype=torch.long)
+        self._draw()
+
+    def _draw(self) -> None:
+        """A new permutation; the generator state it was drawn from is kept instead of the permutation
+        in :meth:`state_dict` (a few KB, where the permutation is 8 bytes per local sample)."""
+        self.perm_gen: torch.Tensor | None = self.gen.get_state()
+        self.perm = torch.randperm(self.n, generator=self.gen) if self.n else torch.empty(0, dtype=torch.long)
         self.pos = 0
 
     def next(self) -> torch.Tensor:
@@ -92,7 +104,7 @@ class Sampler:
         need = self.batch
         while need > 0:
             if self.pos >= self.n:
-                self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+                self._draw()
             take = min(need, self.n - self.pos)
             out.append(self.perm[self.pos:self.pos + take])
             self.pos += take
@@ -100,9 +112,12 @@ class Sampler:
         return torch.cat(out)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything :meth:`next` depends on: generator state, current permutation, position."""
-        return {"n": self.n, "batch": self.batch, "gen": self.gen.get_state(), "perm": self.perm.clone(),
-                "pos": self.pos}
+        """Everything :meth:`next` depends on: generator state, the state the current permutation was
+        drawn from (it is redrawn on load, not stored), position."""
+        st = {"n": self.n, "batch": self.batch, "gen": self.gen.get_state(), "pos": self.pos}
+        if self.perm_gen is None:  # restored from an earlier version's state: its permutation, as it was
+            return {**st, "perm": self.perm.clone()}
+        return {**st, "perm_gen": self.perm_gen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the sampler that produced ``state`` stopped.
@@ -113,8 +128,13 @@ class Sampler:
         if int(state["n"]) != self.n or int(state["batch"]) != self.batch:
             raise ValueError(f"sampler state for n={state['n']}, batch={state['batch']} does not fit "
                              f"n={self.n}, batch={self.batch}")
+        if "perm" in state:  # a checkpoint of an earlier version stored the permutation itself
+            self.perm, self.perm_gen = state["perm"].clone(), None
+        else:
+            self.gen.set_state(state["perm_gen"])
+            self.perm, self.perm_gen = torch.randperm(self.n, generator=self.gen), state["perm_gen"]
         self.gen.set_state(state["gen"])
-        self.perm, self.pos = state["perm"].clone(), int(state["pos"])
+        self.pos = int(state["pos"])
 
 
 class MemoryBatches:
@@ -283,11 +303,64 @@ def local_batch(global_batch: int, rank: int, world: int) -> int:
     return global_batch // world + (1 if rank < global_batch % world else 0)
 
 
-def _allreduce_sum(t: torch.Tensor) -> torch.Tensor:
+def _allreduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
+    """``t`` reduced over the ranks (sum by default; ``t`` itself without a process group). NCCL reduces
+    device tensors only: a CPU tensor goes to this rank's GPU and back."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dev = t.device
         t = t.clone()
-        dist.all_reduce(t)
+        if dist.get_backend() == "nccl" and dev.type != "cuda":
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+        t = t.to(dev)
     return t
+
+
+def _allreduce_sum(t: torch.Tensor) -> torch.Tensor:
+    return _allreduce(t)
+
+
+class CheckpointClock:
+    """When the loop reports an in-round checkpoint: every ``every`` steps (0 = never by steps) and/or
+    once ``seconds`` of wall time have passed since the last one (0 = never by time).
+
+    Every rank must decide the same at the same global step, since a report is a barrier. With one
+    rank the time is checked every step; with several, rank clocks differ, so the ranks agree every
+    ``sync_steps`` steps with a one-element all-reduce (MAX) of "my clock says it is time": a
+    checkpoint comes at most ``sync_steps`` steps late, for one tiny collective per ``sync_steps``
+    steps (the gradient all-reduce of each step is millions of elements).
+
+    Args:
+        every: steps between checkpoints, >= 0.
+        seconds: wall seconds between checkpoints, >= 0.
+        world: ranks; each must call :meth:`due` with the same step sequence.
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(self, every: int, seconds: float, world: int = 1, sync_steps: int = 32,
+                 clock: Any = time.monotonic):
+        if every < 0 or seconds < 0 or sync_steps < 1:
+            raise ValueError(f"checkpoint clock needs every >= 0, seconds >= 0, sync_steps >= 1; got "
+                             f"{every}, {seconds}, {sync_steps}")
+        self.every, self.seconds, self.world, self.sync_steps, self._clock = every, seconds, world, sync_steps, clock
+        self.last = clock()
+
+    def reset(self) -> None:
+        """A checkpoint was just reported (also at phase boundaries): the time interval restarts."""
+        self.last = self._clock()
+
+    def due(self, step: int) -> bool:
+        """True when a checkpoint should follow step ``step`` (steps done in the phase, >= 1)."""
+        if self.every and step % self.every == 0:
+            return True
+        if not self.seconds:
+            return False
+        late = self._clock() - self.last >= self.seconds
+        if self.world == 1:
+            return late
+        if step % self.sync_steps:
+            return False
+        return bool(_allreduce(torch.tensor([int(late)]), dist.ReduceOp.MAX)[0])
 
 
 def _load_local(name: str, keep: np.ndarray | None) -> LocalSet:
@@ -387,16 +460,20 @@ def read_resume(rank: int) -> Resume | None:
         return Resume(str(meta["phase"]), int(meta["step"]), load(TRAIN_STATE), own, meta)
 
 
-def _report_position(r: int, rank: int, phase: str, step: int, shared: Any, own: dict[str, Any]) -> None:
+def _report_position(r: int, rank: int, phase: str, step: int, shared: Any, own: dict[str, Any],
+                     upload_async: bool = False) -> None:
     """Report an in-round checkpoint; every rank calls this at the same global step (a barrier).
 
-    Rank 0 writes ``shared()`` (models, optimizer, scheduler) and ``meta.json``; each rank writes its own
-    sampler/generator states; Ray Train merges the ranks' files into one checkpoint directory.
+    Rank 0 writes ``shared()`` (models, optimizer, scheduler; finished phases' weights as references to
+    the run directory's files) and ``meta.json``; each rank writes its own sampler/generator states; Ray
+    Train merges the ranks' files into one checkpoint directory, uploaded in the background when
+    ``upload_async``.
     """
     import ray
     import ray.train
 
-    with tempfile.TemporaryDirectory() as d:
+    d = tempfile.mkdtemp(prefix="ctray-ckpt-")
+    try:
         if rank == 0:
             torch.save(shared(), os.path.join(d, TRAIN_STATE))
             meta = {"round": r, "phase": phase, "step": step, "pid": os.getpid(),
@@ -404,8 +481,21 @@ def _report_position(r: int, rank: int, phase: str, step: int, shared: Any, own:
             with open(os.path.join(d, CKPT_META), "w") as f:
                 json.dump(meta, f)
         torch.save(own, os.path.join(d, RANK_STATE.format(rank)))
-        ray.train.report({"round": r, "phase": phase, "step": step},
-                         checkpoint=ray.train.Checkpoint.from_directory(d))
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
+    ckpt = ray.train.Checkpoint.from_directory(d)
+    metrics = {"round": r, "phase": phase, "step": step}
+    if upload_async:
+        # The state is on local disk already (a consistent snapshot of this step); Ray Train uploads it
+        # from a background thread and deletes the directory, and training goes on. A failure before the
+        # upload is registered resumes from the previous checkpoint, as any earlier failure would.
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        return
+    try:
+        ray.train.report(metrics, checkpoint=ckpt)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _restore_sampler(sampler: Sampler, own: dict[str, Any] | None, name: str, rank: int) -> None:
@@ -426,8 +516,9 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     ``"train"``: f_base's recipe only, for ``ctray train`` and retraining on a cleansed set), ``round``
     (int), ``train_fbase`` (bool), ``fbase_ckpt``, ``prev_base_ckpt`` (checkpoint directories, local path
     or URI, or None), ``keep`` (int64 sids of D_r, None = all of D), ``ckpt_dir`` (where this round's
-    weights go), ``checkpoint_every`` (steps between in-round Ray Train checkpoints; 0 = phase boundaries
-    only; None = none, for local mode); in ``"train"`` mode ``model_out`` (the checkpoint file to write)
+    weights go), ``checkpoint_every`` (steps between in-round Ray Train checkpoints; 0 = not by steps;
+    None = no in-round checkpoints at all, for local mode), ``checkpoint_seconds`` (wall seconds between
+    them; 0 = not by time), ``checkpoint_async`` (upload them in the background); in ``"train"`` mode ``model_out`` (the checkpoint file to write)
     and ``extra`` (its provenance dict).
 
     In ``"ct"`` mode rank 0 writes ``base.pt`` (pretrained model of the round), ``confused.pt`` and, when
@@ -453,6 +544,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     mean, std = data_cfg["mean"], data_cfg["std"]
     seed = int(cfg["seed"]) * 1000 + r
     every = job.get("checkpoint_every")
+    clock = (CheckpointClock(int(every), float(job.get("checkpoint_seconds") or 0), world)
+             if every is not None else None)
     times: dict[str, float] = {}
     t0 = time.monotonic()
 
@@ -522,10 +615,18 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             return MemoryBatches(data, batch, seed_)
         return StreamBatches("train", batch, math.ceil(n_global / global_bs), seed_, shuffle_rows, subset, extra,
                              n_set=math.ceil(int((n_keep if subset is not None else n_total) or 0) / world))
-    held: dict[str, Any] = {"fbase": None, "base": None}  # finished phases' weights, carried by later checkpoints
+    # finished phases' weights for later checkpoints: on rank 0 references to the run directory's files
+    # (written when the phase ends, so no checkpoint carries them again); None on other ranks
+    held: dict[str, Any] = {"fbase": None, "base": None}
 
     def spec_of(arch: str) -> ModelSpec:
         return ModelSpec(arch, in_ch, C, size, float(mean), float(std))
+
+    def file_extra(name: str) -> dict[str, Any]:
+        # f_base trains with base.augment, CT's models without augmentation (specs/ct.md §1.2)
+        return {"round": r, "phase": name[:-3], "n_dr": n_dr, "augment": base_cfg["augment"] if name == FBASE else "none"}
+
+    published: dict[str, str] = {}  # run-directory files rank 0 wrote at their phase's end -> SHA-256
 
     def new_model(arch: str, seed_: int) -> torch.nn.Module:
         torch.manual_seed(seed_)  # same init on every rank (DDP also broadcasts rank 0's)
@@ -534,9 +635,25 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     def prep(m: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(m) if world > 1 or scale["use_gpu"] else m
 
+    def publish(name: str, state: dict[str, torch.Tensor], arch: str) -> Any:
+        """A finished phase's weights, for later in-round checkpoints: rank 0 writes the round's file now
+        and keeps ``{"ref", "sha256"}`` (only rank 0 writes checkpoints; None elsewhere)."""
+        if clock is None or rank != 0:
+            return None  # not checkpointed here (local mode), or not this rank's to write
+        digest = save_model(cio.join(job["ckpt_dir"], name), state, spec_of(arch), file_extra(name))
+        published[name] = digest
+        return {"ref": name, "sha256": digest}
+
+    def unref(value: Any) -> Any:
+        """A held weight from a checkpoint: the tensors, read back from the run directory for a reference
+        (checked against the digest it was written with)."""
+        if isinstance(value, dict) and "ref" in value:
+            return load_state(cio.join(job["ckpt_dir"], value["ref"]), value["sha256"])
+        return value
+
     def save(phase: str, step: int, model: torch.nn.Module | None = None, opt: Any = None, sched: Any = None,
              samplers: dict[str, Any] | None = None, gen: torch.Generator | None = None) -> None:
-        if every is None:
+        if clock is None:
             return
 
         def shared() -> dict[str, Any]:
@@ -547,7 +664,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
 
         own = {"samplers": {k: v.state_dict() for k, v in (samplers or {}).items()},
                "gen": gen.get_state() if gen is not None else None}
-        _report_position(r, rank, phase, step, shared, own)
+        _report_position(r, rank, phase, step, shared, own, bool(job.get("checkpoint_async")))
+        clock.reset()
 
     def restore(model: torch.nn.Module, start: int) -> torch.nn.Module:
         """Load the checkpoint's mid-phase model weights (before DDP wrapping) when resuming a phase."""
@@ -585,7 +703,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             prog.update()
             if sched is not None and (s + 1) % steps_per_epoch == 0:
                 sched.step()
-            if every and (s + 1) % every == 0 and s + 1 < total:
+            if clock is not None and s + 1 < total and clock.due(s + 1):
                 save(phase, s + 1, model, opt, sched, {"main": src}, gen)
         src.close()
         times[name] = prog.close()
@@ -611,18 +729,20 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             n_fit = int((n_keep if mode == "train" else (len(fb_keep) if fb_keep is not None else n_total)) or 0)
         run_steps("f_base" if mode == "ct" else "train", "f_base", fb, opt, fit_set, n_fit, base_cfg["batch_size"],
                   base_cfg["epochs"], base_cfg["augment"], sched, start, subset=fit_subset)
-        fbase_state = held["fbase"] = _state(fb)
+        fbase_state = _state(fb)
         if mode == "train":
             if rank == 0:
                 save_model(job["model_out"], fbase_state, spec_of(base_cfg["arch"]),
                            {**(job.get("extra") or {}), "n_train": n_fit, "times": times})
             ray.train.report({"n_train": n_fit})
             return {"n_train": n_fit, "times": times, "world": world, "resumed_from": None}
+        held["fbase"] = publish(FBASE, fbase_state, base_cfg["arch"])
         save("pretrain", 0)
     else:
         if job.get("train_fbase"):
             assert resume is not None  # start is None only past f_base
-            fbase_state = held["fbase"] = resume.shared["fbase"]
+            held["fbase"] = resume.shared["fbase"]
+            fbase_state = unref(held["fbase"])
         else:
             fbase_state = load_weights(job["fbase_ckpt"], FBASE)
         fb = new_model(base_cfg["arch"], 0).to(device)
@@ -636,7 +756,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     model = new_model(ct["arch"], seed + 29)
     if start is None:  # pretraining was finished before the restart: its result is in the checkpoint
         assert resume is not None
-        held["base"] = base_state = resume.shared["base"]
+        held["base"] = resume.shared["base"]
+        base_state = unref(held["base"])
         model.load_state_dict(resume.shared["model"] if resume.steps_done("confusion") else base_state)
         model = prep(model.to(device))
     else:
@@ -653,7 +774,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         restore_opt(opt, None, start)
         run_steps(f"pretrain r{r}", "pretrain", model, opt, dr, n_pre, ct["pretrain_batch_size"],
                   ct["pretrain_epochs"][r], "none", None, start, subset=keep, extra=shifted)
-        held["base"] = base_state = _state(model)
+        base_state = _state(model)
+        held["base"] = publish(BASE, base_state, ct["arch"])
         save("confusion", 0)
 
     # ---- confusion training confused_r from base_r
@@ -690,7 +812,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         else:
             confusion_step(model, opt, xc, yc, None, None, None, lam)
         prog.update()
-        if every and (t + 1) % every == 0 and t + 1 < iters:
+        if clock is not None and t + 1 < iters and clock.due(t + 1):
             save("confusion", t + 1, model, opt, None, {"conf": conf_s, "insp": insp_s})
     insp_s.close()
     times[f"confusion r{r}"] = prog.close()
@@ -703,11 +825,9 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             if job.get("train_fbase"):
                 files[FBASE] = (fbase_state, base_cfg["arch"])
             for name, (st, arch) in files.items():
-                # f_base trains with base.augment, CT's models without augmentation (specs/ct.md §1.2)
-                extra = {"round": r, "phase": name[:-3], "n_dr": n_dr,
-                         "augment": base_cfg["augment"] if name == FBASE else "none"}
-                save_model(os.path.join(d, name), st, spec_of(arch), extra)
-                save_model(cio.join(job["ckpt_dir"], name), st, spec_of(arch), extra)
+                save_model(os.path.join(d, name), st, spec_of(arch), file_extra(name))
+                if name not in published:  # written when its phase ended
+                    save_model(cio.join(job["ckpt_dir"], name), st, spec_of(arch), file_extra(name))
             meta = {"round": r, "phase": "done", "n_dr": n_dr, "arch": ct["arch"], "base_arch": base_cfg["arch"],
                     "in_channels": in_ch, "image_size": size, "num_classes": C, "times": times,
                     "pid": os.getpid()}
