@@ -58,6 +58,14 @@ class DataConfig:
     # pool costs ~5-8 s of start-up per pass on a 2-core box, a cached task pass of 2,000 images < 1 s, and a
     # CT run scores D once per round
     score_compute: str = "tasks"
+    # GPUs per scoring worker (0 = score on CPUs). > 0: each scoring task asks Ray for that many GPUs and
+    # runs the model there (0.25 = four scoring workers share a GPU); decode stays in the CPU read tasks,
+    # which Ray Data's streaming runs beside the GPU work. Raise score_batch_size with it (e.g. 2048).
+    score_gpus: float = 0.0
+    # scoring precision: "auto" = bf16 autocast on a GPU that has it (fp16 otherwise), fp32 on CPU;
+    # "fp32"; "bf16" (CPU or GPU: ~2x on a CPU with AMX-BF16); "fp16" (GPU only). Loss and softmax are
+    # computed in fp32 either way.
+    score_precision: str = "auto"
     # Memory model (nothing is held in proportion to N unless it fits one of these budgets):
     # decoded D (+ the final pass's features) is cached in the object store only when it fits cache_bytes
     # ("auto" = 40% of the cluster's object store; "0" = never; or a size: 512MB, 2GiB); otherwise every
@@ -74,6 +82,8 @@ class DataConfig:
     inflight_bytes: str = "auto"
 
 
+#: data.score_precision values (ctray.training.steps.autocast_dtype resolves "auto" per device)
+SCORE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: training augmentations (base.augment; what a checkpoint records in extra["augment"])
 TRAIN_AUGMENTS = ("crop-flip", "crop", "none")
 #: augmentation modes of the defenses' fits (repair.augment, cleanse.augment): "auto" resolves to the
@@ -81,7 +91,8 @@ TRAIN_AUGMENTS = ("crop-flip", "crop", "none")
 AUGMENTS = ("auto", *TRAIN_AUGMENTS)
 #: ``data.*`` keys that set how a run uses the machine, never what it computes: run fingerprints (resume,
 #: bench cells) ignore them and a sweep's best.yaml leaves them out.
-DATA_RESOURCE_KEYS = ("read_cpus", "score_batch_size", "score_actors", "score_cpus", "score_compute", "cache_bytes",
+DATA_RESOURCE_KEYS = ("read_cpus", "score_batch_size", "score_actors", "score_cpus", "score_gpus", "score_compute",
+                      "cache_bytes",
                       "inflight_bytes")
 
 
@@ -181,6 +192,14 @@ class ScaleConfig:
     checkpoint_minutes: float = 10.0  # wall minutes between checkpoints (0 = not by time)
     checkpoint_every: int = 0  # steps between checkpoints (0 = not by steps), e.g. for tests
     checkpoint_async: bool = True  # upload in the background (Ray Train's ASYNC mode); training goes on
+    # GPU workers: bytes of a round's set (uint8) + the reserve a worker keeps on its GPU so each step
+    # gathers its batch there ("auto" = a quarter of the device's memory; "0" = never: batches are
+    # copied from pinned host memory each step, asynchronously)
+    device_cache_bytes: str = "auto"
+    # GPU workers (> 1): BatchNorm statistics over the global batch (SyncBatchNorm) instead of each
+    # rank's share. Off = the reference's behaviour (DataParallel normalises per replica); worth it when
+    # per-rank batches get small (128 over 8 GPUs = 16 per rank). Not validated on the grid yet.
+    sync_batchnorm: bool = False
     max_failures: int = 2  # worker-group restarts per round's fit before the run fails (Ray Train FailureConfig)
 
 
@@ -494,6 +513,19 @@ class Config:
             raise ConfigError(f"data.on_mode must be 'convert' or 'quarantine', got {self.data.on_mode!r}")
         if self.data.on_size not in ("quarantine", "resize"):
             raise ConfigError(f"data.on_size must be 'quarantine' or 'resize', got {self.data.on_size!r}")
+        if self.scale.sync_batchnorm and not self.scale.use_gpu:
+            raise ConfigError("scale.sync_batchnorm needs scale.use_gpu=true (SyncBatchNorm runs on CUDA/NCCL only)")
+        from ctray.core.budget import parse_bytes
+
+        try:
+            parse_bytes(self.scale.device_cache_bytes)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"scale.device_cache_bytes: {e}") from None
+        if self.data.score_gpus < 0:
+            raise ConfigError(f"data.score_gpus must be >= 0, got {self.data.score_gpus}")
+        if self.data.score_precision not in SCORE_PRECISIONS:
+            raise ConfigError(f"data.score_precision must be one of {', '.join(SCORE_PRECISIONS)}, got "
+                              f"{self.data.score_precision!r}")
         if self.data.score_compute not in ("tasks", "actors"):
             raise ConfigError(f"data.score_compute must be 'tasks' or 'actors', got {self.data.score_compute!r}")
         if self.data.score_actors < 1 or self.data.score_cpus <= 0:

@@ -80,8 +80,30 @@ class LocalSet:
         return int(self.labels.shape[0])
 
     def subset(self, mask: np.ndarray) -> LocalSet:
-        m = torch.from_numpy(mask)
+        m = torch.from_numpy(mask).to(self.images.device)
         return LocalSet(self.images[m], self.labels[m], self.sids[mask])
+
+    def to(self, device: torch.device) -> LocalSet:
+        """The same set with its tensors on ``device`` (sample ids stay a NumPy array)."""
+        return LocalSet(self.images.to(device), self.labels.to(device), self.sids)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a CPU tensor bound for a GPU goes through pinned memory, asynchronously (the
+    copy overlaps the work already queued on the device)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def device_budget_bytes(setting: str, total: int) -> int:
+    """Bytes of a worker's uint8 training set it may keep on its GPU (``scale.device_cache_bytes``):
+    the setting in bytes, or for ``auto`` a quarter of the device's ``total`` memory (the model,
+    optimizer and activations of these small-image models use far less than the rest)."""
+    from ctray.core.budget import parse_bytes
+
+    val = parse_bytes(setting)
+    return val if val is not None else total // 4
 
 
 class Sampler:
@@ -633,6 +655,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         return build_model(arch, in_ch, C, size)
 
     def prep(m: torch.nn.Module) -> torch.nn.Module:
+        if scale.get("sync_batchnorm") and world > 1:  # validated: GPU workers only
+            m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)
         return ray.train.torch.prepare_model(m) if world > 1 or scale["use_gpu"] else m
 
     def publish(name: str, state: dict[str, torch.Tensor], arch: str) -> Any:
@@ -699,7 +723,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             imgs, labels = src.next()
             if aug != "none":
                 imgs = augment(imgs, aug, gen)
-            pretrain_step(model, opt, to_input(imgs.to(device), mean, std), labels.to(device))
+            pretrain_step(model, opt, to_input(to_device(imgs, device), mean, std), to_device(labels, device))
             prog.update()
             if sched is not None and (s + 1) % steps_per_epoch == 0:
                 sched.step()
@@ -750,6 +774,18 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     assert reserve is not None
     base_pred = _predict(fb, reserve, mean, std, device)  # confusion labels come from f_base (§1.4)
     del fb
+
+    # ---- on a GPU, D_r and the reserve stay on the device when they fit (small after round 0): each
+    # step then gathers its batch there instead of copying it from host memory
+    if device.type == "cuda" and dr is not None:
+        need = int(dr.images.nbytes + reserve.images.nbytes)
+        budget = device_budget_bytes(str(scale.get("device_cache_bytes", "auto")),
+                                     torch.cuda.get_device_properties(device).total_memory)
+        if need <= budget:
+            dr, reserve = dr.to(device), reserve.to(device)
+            base_pred = base_pred.to(device)
+            log.info("[w%d] round %d: D_r and the reserve held on %s (%.0f MB of a %.0f MB budget)", rank, r,
+                     device, need / 1e6, budget / 1e6)
 
     # ---- pretraining base_r on D_r (+ R with labels (y+1) mod C from reserve_in_pretrain_from on)
     start = done_in("pretrain")
@@ -803,11 +839,11 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     prog = Progress(log, f"[w{rank}] confusion r{r}", iters - start, "steps")
     for t in range(start, iters):
         ci = conf_s.next()
-        xc = to_input(reserve.images[ci].to(device), mean, std)
-        yc = ((base_pred[ci] + confusion_shift(t, C)) % C).to(device)
+        xc = to_input(to_device(reserve.images[ci], device), mean, std)
+        yc = to_device((base_pred[ci] + confusion_shift(t, C)) % C, device)
         if is_mixed_step(t, bf):
             xb, yb = insp_s.next()
-            xi, yi = to_input(xb.to(device), mean, std), yb.to(device)
+            xi, yi = to_input(to_device(xb, device), mean, std), to_device(yb, device)
             confusion_step(model, opt, xc, yc, xi, yi, w, lam)
         else:
             confusion_step(model, opt, xc, yc, None, None, None, lam)

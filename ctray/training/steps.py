@@ -18,20 +18,23 @@ def to_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 def augment(images: torch.Tensor, mode: str, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop with zero padding ``pad`` (+ horizontal flip for ``crop-flip``) of ``uint8 (B,H,W,C)``.
 
-    f_base only: CT itself trains without augmentation (specs/ct.md §1.2).
+    f_base only: CT itself trains without augmentation (specs/ct.md §1.2). ``images`` may live on any
+    device: the random draws come from the CPU generator ``gen`` (the same draws wherever the pixels
+    are) and only the indices move to the pixels' device.
     """
     if mode == "none":
         return images
     b, h, w, _ = images.shape
+    dev = images.device
     padded = F.pad(images.permute(0, 3, 1, 2), (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h)[None, :])  # (B, H)
-    cols = (dx[:, None] + torch.arange(w)[None, :])  # (B, W)
-    bi = torch.arange(b)[:, None, None]
+    rows = (dy[:, None] + torch.arange(h)[None, :]).to(dev)  # (B, H)
+    cols = (dx[:, None] + torch.arange(w)[None, :]).to(dev)  # (B, W)
+    bi = torch.arange(b, device=dev)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     if mode == "crop-flip":
-        flip = torch.rand(b, generator=gen) < 0.5
+        flip = (torch.rand(b, generator=gen) < 0.5).to(dev)
         out[flip] = out[flip].flip(2)
     return out
 
@@ -94,6 +97,31 @@ def confusion_step(model: nn.Module, opt: torch.optim.Optimizer, x_conf: torch.T
     return float(loss.detach())
 
 
+def autocast_dtype(precision: str, device_type: str, bf16_supported: bool = True) -> torch.dtype:
+    """The autocast dtype of a scoring pass (``data.score_precision``): ``float32`` means no autocast.
+
+    ``auto``: bf16 on a CUDA device that supports it, else fp16 there; fp32 on CPU, where ctray's
+    figures were measured (bf16 is an opt-in there: 1.97x the fp32 throughput on a Xeon with AMX-BF16,
+    ``python -m ctray.benchmarks.scoring``; older CPUs without bf16 units gain nothing). ``bf16`` works
+    on both; ``fp16`` only on CUDA.
+
+    Raises:
+        ConfigError: an unknown value, or fp16 on CPU.
+    """
+    from ctray.errors import ConfigError
+
+    if precision == "auto":
+        if device_type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if bf16_supported else torch.float16
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in table:
+        raise ConfigError(f"data.score_precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp16" and device_type != "cuda":
+        raise ConfigError("data.score_precision=fp16 needs a GPU (data.score_gpus > 0); use bf16 or fp32 on CPU")
+    return table[precision]
+
+
 @torch.no_grad()
 def score_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, with_features: bool = False,
                 ) -> dict[str, torch.Tensor]:
@@ -107,6 +135,7 @@ def score_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, with_feature
     model.eval()
     feats = model.features(x)  # type: ignore[operator]
     logits = model.head(feats) if hasattr(model, "head") else model(x)  # type: ignore[operator]
+    logits, feats = logits.float(), feats.float()  # under autocast: loss, softmax and features in fp32
     out = {
         "loss": F.cross_entropy(logits, y, reduction="none"),
         "pred": logits.argmax(1),
