@@ -243,7 +243,8 @@ def _print_steps_and_checkpoints(n: int, rows: list[tuple[str, Any, Any]]) -> No
           f"{'CT before':>9} {'every 2,000 steps (before)':>27}")
     for name, c, _ in rows:
         st = schedule_steps(n, c.base.epochs, c.base.batch_size, c.ct.pretrain_epochs, c.ct.pretrain_batch_size,
-                            c.ct.keep_ratio, c.ct.iters, c.base.max_samples, bool(c.base.checkpoint))
+                            c.ct.keep_ratio, c.ct.iters, c.base.max_samples, bool(c.base.checkpoint),
+                            c.ct.batch_scale)
         fb_mb, ct_mb = checkpoint_bytes(n_params(c.base.arch)) / 1e6, checkpoint_bytes(n_params(c.ct.arch)) / 1e6
         before = checkpoint_bytes(n_params(c.ct.arch), n_params(c.base.arch) + n_params(c.ct.arch)) / 1e6
         count = st.fbase // 2000 + (st.pretrain + st.confusion) // 2000

@@ -147,6 +147,13 @@ class CTConfig:
     # distillation after round r < rounds-1: keep int(ratio * N) lowest-loss of ALL of D, floor n_c // k
     keep_ratio: list[float] = field(default_factory=lambda: [1 / 2, 1 / 5, 1 / 25, 1 / 50, 1 / 100])
     floor_k: list[int] = field(default_factory=lambda: [50, 50, 50, 50, 100])
+    # Larger batches for the N-proportional phases (f_base and pretraining): k x their global batch at
+    # k x their learning rate (linear scaling), warmed up linearly from 1x over warmup_epochs, so they
+    # take k times fewer sequential steps for the same passes over D (set k to the GPU count to keep
+    # each GPU's batch the reference's). Confusion training keeps its batch and iterations (a fixed cost).
+    # 1 = the reference.
+    batch_scale: int = 1
+    warmup_epochs: float = 2.0
 
 
 @dataclass
@@ -563,6 +570,12 @@ class Config:
             if name in ("CPU", "GPU", "memory") or v < 0:
                 raise ConfigError(f"scale.worker_resources.{name}={v}: give custom resources >= 0 only (CPUs and "
                                   f"GPUs have scale.cpus_per_worker / scale.gpus_per_worker)")
+        if self.ct.batch_scale < 1 or self.ct.warmup_epochs < 0:
+            raise ConfigError(f"ct.batch_scale must be >= 1 and ct.warmup_epochs >= 0, got {self.ct.batch_scale}, "
+                              f"{self.ct.warmup_epochs}")
+        if self.ct.batch_scale > 1 and self.base.milestones and self.ct.warmup_epochs >= min(self.base.milestones):
+            raise ConfigError(f"ct.warmup_epochs ({self.ct.warmup_epochs}) must end before f_base's first lr "
+                              f"milestone (base.milestones {self.base.milestones})")
         for bs in (self.ct.batch_size, self.ct.pretrain_batch_size, self.base.batch_size):
             if bs < max(1, self.scale.num_workers):
                 raise ConfigError(f"batch sizes ({bs}) must be >= scale.num_workers ({self.scale.num_workers}):"

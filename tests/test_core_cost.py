@@ -64,6 +64,8 @@ def test_schedule_steps_and_checkpoint_bytes():
     assert (st.fbase, st.pretrain, st.confusion, st.total) == (16, 40, 100, 156)
     assert schedule_steps(1000, 2, 128, [3, 2], 100, [0.5], [40, 60], base_max_samples=256).fbase == 4
     assert schedule_steps(1000, 2, 128, [3, 2], 100, [0.5], [40, 60], fbase_given=True).fbase == 0
+    k4 = schedule_steps(1000, 2, 128, [3, 2], 100, [0.5], [40, 60], batch_scale=4)  # batches 512 and 400
+    assert (k4.fbase, k4.pretrain, k4.confusion) == (4, 3 * 3 + 2 * 2, 100)
     # the figure: the reference schedule is ~58M sequential steps at 10M images
     from ctray.config import load_config
 

@@ -54,3 +54,20 @@ def test_sync_batchnorm_conversion_keeps_the_weights():
     assert any(isinstance(x, torch.nn.SyncBatchNorm) for x in conv.modules())
     assert not any(isinstance(x, torch.nn.BatchNorm2d) and not isinstance(x, torch.nn.SyncBatchNorm)
                    for x in conv.modules())
+
+
+def test_batch_scaling_warms_the_lr_up_and_is_checked():
+    from ctray.training.loop import warmup_factor
+
+    assert [warmup_factor(s, 4, 4) for s in range(6)] == [0.25, 0.4375, 0.625, 0.8125, 1.0, 1.0]
+    assert warmup_factor(0, 4, 1) == 1.0 and warmup_factor(0, 0, 4) == 1.0
+    with pytest.raises(ConfigError, match="ct.batch_scale must be >= 1"):
+        load_config("smoke", {"ct.batch_scale": 0})
+    with pytest.raises(ConfigError, match="must end before f_base's first lr milestone"):
+        load_config("smoke", {"ct.batch_scale": 4, "ct.warmup_epochs": 100})
+    from ctray.engine.detect import _fingerprint
+
+    base = load_config("smoke")
+    assert _fingerprint(base, ["a"], ["b"]) == _fingerprint(load_config("smoke", {"data.score_precision": "auto"}),
+                                                            ["a"], ["b"])
+    assert _fingerprint(base, ["a"], ["b"]) != _fingerprint(load_config("smoke", {"ct.batch_scale": 2}), ["a"], ["b"])

@@ -84,18 +84,20 @@ class ScheduleSteps:
 
 def schedule_steps(n: int, base_epochs: int, base_batch: int, pretrain_epochs: Sequence[int], pretrain_batch: int,
                    keep_ratio: Sequence[float], iters: Sequence[int], base_max_samples: int = 0,
-                   fbase_given: bool = False) -> ScheduleSteps:
+                   fbase_given: bool = False, batch_scale: int = 1) -> ScheduleSteps:
     """The steps of a schedule at N = ``n`` (config fields as :func:`schedule_cost`, plus ``base.batch_size``
     and ``ct.pretrain_batch_size``): ``epochs * ceil(set / batch)`` per phase, round r >= 1 on
     ``keep_ratio[r - 1] * n`` samples (floors and the reserve's few samples in late pretraining left out).
+    ``batch_scale`` (``ct.batch_scale``) multiplies f_base's and pretraining's batches; confusion's stays.
 
     Raises:
         ConfigError: ``n`` < 1, batch sizes < 1, or list lengths that disagree.
     """
-    if n < 1 or base_batch < 1 or pretrain_batch < 1:
+    if n < 1 or base_batch < 1 or pretrain_batch < 1 or batch_scale < 1:
         raise ConfigError(f"n and batch sizes must be >= 1, got n={n}, {base_batch}, {pretrain_batch}")
     if len(keep_ratio) != len(pretrain_epochs) - 1 or len(iters) != len(pretrain_epochs):
         raise ConfigError("schedule lists disagree: want rounds pretrain_epochs and iters, rounds - 1 keep ratios")
+    base_batch, pretrain_batch = base_batch * batch_scale, pretrain_batch * batch_scale
     n_fb = min(n, base_max_samples) if base_max_samples else n
     fb = 0 if fbase_given else base_epochs * -(-n_fb // base_batch)
     share = [1.0, *[float(r) for r in keep_ratio]]

@@ -754,9 +754,15 @@ def _fingerprint(cfg: Config, train: list[str], clean: list[str]) -> str:
     d.pop("sweep", None)  # tuning knobs and the shard tables' settings do not change what a round computes
     d.pop("aggregate", None)
     d["scale"] = {}  # the worker layout may change between attempts without changing the result's meaning
-    for k in ("max_samples", "checkpoint"):  # at their defaults, a run directory of an earlier version resumes
+    # fields added later leave the fingerprint at their defaults, so a run directory of an earlier version resumes
+    for k in ("max_samples", "checkpoint"):
         if not d["base"].get(k):
             d["base"].pop(k, None)
+    for k, default in (("batch_scale", 1), ("warmup_epochs", 2.0)):
+        if d["ct"].get(k) == default:
+            d["ct"].pop(k, None)
+    if d["data"].get("score_precision") == "auto":
+        d["data"].pop("score_precision", None)
     if d["base"].get("checkpoint"):  # a given f_base counts by its bytes, not by its path
         try:
             d["base"]["checkpoint"] = hashlib.sha256(cio.read_bytes(d["base"]["checkpoint"])).hexdigest()

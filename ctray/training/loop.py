@@ -96,6 +96,15 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def warmup_factor(step: int, warm_steps: int, k: int) -> float:
+    """The lr multiplier at ``step`` (0-based) of a linear warm-up from the recipe's lr (``1/k`` of the
+    scaled lr) to the scaled lr over ``warm_steps`` steps: ``(1 + (k - 1) * min(1, step / warm_steps)) / k``,
+    in ``[1/k, 1]``; 1 from ``warm_steps`` on (Goyal et al., 2017)."""
+    if k <= 1 or warm_steps <= 0 or step >= warm_steps:
+        return 1.0
+    return (1.0 + (k - 1) * step / warm_steps) / k
+
+
 def device_budget_bytes(setting: str, total: int) -> int:
     """Bytes of a worker's uint8 training set it may keep on its GPU (``scale.device_cache_bytes``):
     the setting in bytes, or for ``auto`` a quarter of the device's ``total`` memory (the model,
@@ -566,6 +575,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     mean, std = data_cfg["mean"], data_cfg["std"]
     seed = int(cfg["seed"]) * 1000 + r
     every = job.get("checkpoint_every")
+    bscale = int(ct.get("batch_scale", 1) or 1)  # f_base and pretraining: k x batch and lr (run_steps)
     clock = (CheckpointClock(int(every), float(job.get("checkpoint_seconds") or 0), world)
              if every is not None else None)
     times: dict[str, float] = {}
@@ -707,9 +717,12 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
                   n_global: int, global_bs: int, epochs: int, aug: str, sched: Any = None, start: int = 0,
                   subset: np.ndarray | None = None, extra: LocalSet | None = None) -> None:
         """``epochs`` epochs of plain steps on ``data`` (+ ``extra``); ``data=None`` streams the shard
-        (filtered to ``subset``). ``n_global`` samples in all workers' sets together."""
+        (filtered to ``subset``). ``n_global`` samples in all workers' sets together. With
+        ``ct.batch_scale`` k > 1, ``global_bs`` and the optimizer's lr are already k times the recipe's;
+        the lr ramps linearly from 1x to kx over ``ct.warmup_epochs`` (:func:`warmup_factor`)."""
         steps_per_epoch = math.ceil(n_global / global_bs)
         total = steps_per_epoch * epochs
+        warm = int(round(float(ct.get("warmup_epochs", 0) or 0) * steps_per_epoch)) if bscale > 1 else 0
         src = batches(data, local_batch(global_bs, rank, world), seed * 7919 + rank + zlib.crc32(name.encode()) % 997,
                       n_global, global_bs, subset, extra)
         gen = torch.Generator().manual_seed(seed + rank)
@@ -718,8 +731,16 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             own = resume.own or {}
             if own.get("gen") is not None:
                 gen.set_state(own["gen"])
+        # the ramp's target: the recipe's lr x k (f_base's warm-up ends before its first milestone, validated,
+        # so no decay is due yet; MultiStepLR scales the group's current lr at its milestones)
+        target = (base_cfg["lr"] if phase == "f_base" else ct["pretrain_lr"]) * bscale
+
         prog = Progress(log, f"[w{rank}] {name}", total - start, "steps")
         for s in range(start, total):
+            if s <= warm and warm:  # the scaled lr times the ramp; exactly the scaled lr at s == warm
+                f = warmup_factor(s, warm, bscale)
+                for g in opt.param_groups:
+                    g["lr"] = target * f
             imgs, labels = src.next()
             if aug != "none":
                 imgs = augment(imgs, aug, gen)
@@ -737,7 +758,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     start = done_in("f_base")
     if (job.get("train_fbase") or mode == "train") and start is not None:
         fb = prep(restore(new_model(base_cfg["arch"], seed + 17), start).to(device))
-        opt = torch.optim.SGD(fb.parameters(), lr=base_cfg["lr"], momentum=base_cfg["momentum"],
+        opt = torch.optim.SGD(fb.parameters(), lr=base_cfg["lr"] * bscale, momentum=base_cfg["momentum"],
                               weight_decay=base_cfg["weight_decay"])
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, base_cfg["milestones"], base_cfg["gamma"])
         restore_opt(opt, sched, start)
@@ -751,7 +772,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             n_fit = int(_allreduce_sum(torch.tensor([len(fit_set)]))[0])
         else:
             n_fit = int((n_keep if mode == "train" else (len(fb_keep) if fb_keep is not None else n_total)) or 0)
-        run_steps("f_base" if mode == "ct" else "train", "f_base", fb, opt, fit_set, n_fit, base_cfg["batch_size"],
+        run_steps("f_base" if mode == "ct" else "train", "f_base", fb, opt, fit_set, n_fit, base_cfg["batch_size"] * bscale,
                   base_cfg["epochs"], base_cfg["augment"], sched, start, subset=fit_subset)
         fbase_state = _state(fb)
         if mode == "train":
@@ -805,10 +826,10 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
         if r >= ct["reserve_in_pretrain_from"]:
             shifted = LocalSet(reserve.images, (reserve.labels + 1) % C, reserve.sids)
             n_pre = n_dr + int(_allreduce_sum(torch.tensor([len(shifted)]))[0])
-        opt = torch.optim.SGD(model.parameters(), lr=ct["pretrain_lr"], momentum=ct["pretrain_momentum"],
+        opt = torch.optim.SGD(model.parameters(), lr=ct["pretrain_lr"] * bscale, momentum=ct["pretrain_momentum"],
                               weight_decay=ct["pretrain_weight_decay"])
         restore_opt(opt, None, start)
-        run_steps(f"pretrain r{r}", "pretrain", model, opt, dr, n_pre, ct["pretrain_batch_size"],
+        run_steps(f"pretrain r{r}", "pretrain", model, opt, dr, n_pre, ct["pretrain_batch_size"] * bscale,
                   ct["pretrain_epochs"][r], "none", None, start, subset=keep, extra=shifted)
         base_state = _state(model)
         held["base"] = publish(BASE, base_state, ct["arch"])
