@@ -1,7 +1,7 @@
 """Scoring ALL of D with a round's model: a Ray Data ``map_batches`` callable class (the model is
-loaded once per actor from the round's checkpoint). Only per-sample scalars leave the pipeline; the
-final pass also yields within-class 2-D PCA projections computed per class in ``map_groups`` tasks,
-so penultimate features never reach the driver.
+loaded once per worker from the round's checkpoint; on CPUs, or on GPUs with ``data.score_gpus``). Only
+per-sample scalars leave the pipeline; the final pass also yields within-class 2-D PCA projections (the
+per-class moments merge in :mod:`ctray.engine.classpca`), so penultimate features never reach the driver.
 """
 
 from __future__ import annotations
