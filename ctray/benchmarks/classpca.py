@@ -75,7 +75,7 @@ def _reducers(ds: Any, classes: int) -> tuple[float, float, np.ndarray, dict[str
     # the driver takes what detect's final pass takes from this pass: ids (its scores), not the features
     for _ in feed_reducers(ds, reducers, classes, num_cpus=1).select_columns(["sid"]).iter_batches(batch_size=None):
         pass
-    held = max(r["bytes"] for r in ray.get([x.result.remote(2) for x in reducers]))
+    held = max(ray.get([x.held_bytes.remote() for x in reducers]))
     axes, _, _ = class_axes(reducers, classes, 2)
     return time.perf_counter() - t, peak.stop(), axes, {"reducers": len(reducers), "held_mb": held / 1e6}
 

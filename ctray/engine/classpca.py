@@ -65,6 +65,10 @@ class MomentReducer:
         merge_by_class(self._acc, parts)
         return True
 
+    def held_bytes(self) -> int:
+        """Bytes of the moments held now (for benchmarks and logs; cheap, unlike :meth:`result`)."""
+        return sum(m.nbytes for m in self._acc.values())
+
     def result(self, k: int) -> dict[str, Any]:
         """``classes`` int64 (K,), ``counts`` int64 (K,), ``means`` float64 (K, D), ``axes`` float64
         (K, D, k) of the K classes seen, plus ``blocks`` / ``duplicates`` / ``bytes`` (held)."""
