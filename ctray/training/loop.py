@@ -549,7 +549,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     or URI, or None), ``keep`` (int64 sids of D_r, None = all of D), ``ckpt_dir`` (where this round's
     weights go), ``checkpoint_every`` (steps between in-round Ray Train checkpoints; 0 = not by steps;
     None = no in-round checkpoints at all, for local mode), ``checkpoint_seconds`` (wall seconds between
-    them; 0 = not by time), ``checkpoint_async`` (upload them in the background); in ``"train"`` mode ``model_out`` (the checkpoint file to write)
+    them; 0 = not by time), ``checkpoint_async`` (upload them in the background); in ``"train"`` mode
+    ``model_out`` (the checkpoint file to write)
     and ``extra`` (its provenance dict).
 
     In ``"ct"`` mode rank 0 writes ``base.pt`` (pretrained model of the round), ``confused.pt`` and, when
