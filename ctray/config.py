@@ -31,6 +31,10 @@ class IOConfig:
     clean: list[str] = field(default_factory=list)  # shard specs of the trusted reserve R
     out: str = ""  # run directory
     truth: str = ""  # optional truth.parquet / .csv (shard, key, poison[, cover])
+    # a cache of finished phases shared by runs (ctray.engine.phasecache; a sweep sets OUT/cache): a run
+    # whose f_base inputs match a published f_base copies it instead of training one. "" = off
+    phase_cache: str = ""
+    phase_cache_bytes: int = 4_000_000_000  # bound of the cache: oldest entries go first
 
 
 @dataclass
@@ -276,6 +280,9 @@ class SweepConfig:
     grace_rounds: int = 0  # ASHA: rounds every trial runs before it may be stopped; 0 = auto (rounds // 2)
     reduction_factor: float = 2.0  # ASHA: keep the top 1/reduction_factor at each rung
     baseline: bool = True  # also run the preset unchanged, so the best trial is read next to it
+    # runs share finished phases through OUT/cache (io.phase_cache; today f_base: trained once, copied by
+    # every run whose f_base inputs match). Off: every trial trains its own
+    share_phases: bool = True
 
 
 # ------------------------------------------------------------------------ model-level defenses

@@ -3,6 +3,7 @@ Fashion-MNIST in the session's local Ray) that writes trials.parquet, best.yaml 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -115,6 +116,23 @@ def test_tiny_sweep_writes_its_outputs(fm_tiny, tmp_path, ray_session):
     assert done["objective"].between(-5, 1).all() and done["canary_recall"].between(0, 1).all()
     assert done["rounds_done"].eq(3).all() and (done["seconds"] > 0).all()
     assert trials["param:ct.lam"].between(10, 30).all() and set(trials["param:ct.lr"]) <= {0.5, 2.0}
+    # one f_base and one round-0 pretraining for both trials (the space varies confusion knobs only): one
+    # cache entry each, trained by one trial, copied byte for byte by the other
+    for kind, col, name in (("fbase", "fbase_from", "fbase.pt"), ("base0", "base0_from", None)):
+        assert sorted(trials[col]) == ["cache", "trained"], kind
+        keys = os.listdir(out / "cache" / kind)
+        assert len(keys) == 1
+        entry = json.load(open(out / "cache" / kind / keys[0] / "entry.json"))
+        blob = (out / "cache" / kind / keys[0] / entry["blob"]).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == entry["sha256"]
+        if name:
+            reused = trials[trials[col] == "cache"].iloc[0]
+            fb = open(os.path.join(reused["run_dir"], "checkpoints", "round_0", name), "rb").read()
+            assert fb == blob
+    reused = trials[trials["fbase_from"] == "cache"].iloc[0]
+    r0 = json.load(open(os.path.join(reused["run_dir"], "rounds.json")))[0]
+    assert r0["fbase_samples"] is None and "f_base" not in r0["phase_seconds"]
+    assert not any(k.startswith("pretrain") for k in r0["phase_seconds"])  # round 0 ran confusion only
     for _, r in done.iterrows():  # each finished trial is a full run directory with its canaries
         can = json.load(open(os.path.join(r["run_dir"], "canary.json")))
         assert can["count"] == 8 and can["recall"] == pytest.approx(r["canary_recall"])

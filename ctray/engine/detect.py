@@ -113,6 +113,11 @@ class _Run:
     rounds_info: list[dict[str, Any]] = field(default_factory=list)
     keep: np.ndarray | None = None
     fbase_ckpt: str | None = None
+    fbase_from: str = ""  # "trained", "cache" (io.phase_cache), "given" (base.checkpoint), "resumed"
+    base0_ckpt: str | None = None  # round 0's pretrained model from the phase cache (its directory)
+    base0_from: str = "trained"
+    phase_cache: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> where round 0 publishes it
+    leases: list[Any] = field(default_factory=list)  # claims held while this run trains those (phasecache.Lease)
     prev_ckpt: str | None = None
     final_scores: dict[str, np.ndarray] | None = None
     agg: Any = None
@@ -161,9 +166,13 @@ def _detect_locked(cfg: Config, on_round: Callable[[dict[str, Any]], None] | Non
     run.scaling_cfg, run.threads = scaling(cfg)
     _resume(run)
     _supplied_fbase(run)
-    for r in range(len(run.state["rounds"]), cfg.ct.rounds):
-        _round(run, r, on_round)
-        run.mark(f"round {r + 1}")
+    _cached_phases(run)
+    try:
+        for r in range(len(run.state["rounds"]), cfg.ct.rounds):
+            _round(run, r, on_round)
+            run.mark(f"round {r + 1}")
+    finally:
+        _release_leases(run)  # on failure too: a waiting run then claims the key and trains
     if run.final_scores is None:  # every round was done before: rescore the final model for the decision
         assert run.prev_ckpt is not None  # rounds >= 1 (validated) and all were done: the resume loop set it
         run.final_scores, run.agg = _final_pass(run, run.prev_ckpt, "final rescoring pass")
@@ -391,6 +400,52 @@ def _supplied_fbase(run: _Run) -> None:
     log.info("f_base: %s (base.checkpoint); round 0 trains none", path)
 
 
+def _cached_phases(run: _Run) -> None:
+    """``io.phase_cache``: for f_base and round 0's pretrained model (base_0), each in turn: reuse a
+    published one whose inputs are this run's (copied into ``checkpoints/round_0/``; round 0 trains it
+    not), or claim its key, wait while another run of the sweep trains it, and else train it in round 0
+    and publish it when its phase ends (:mod:`ctray.engine.phasecache`). Only before round 0."""
+    from ctray.engine import phasecache as pc
+    from ctray.training.loop import BASE, FBASE
+
+    cfg = run.cfg
+    if run.fbase_ckpt is not None:
+        run.fbase_from = run.fbase_from or ("given" if cfg.base.checkpoint else "resumed")
+    else:
+        run.fbase_from = "trained"
+    if not cfg.io.phase_cache or run.state["rounds"]:
+        return
+    root = cfg.io.phase_cache
+    dest = cio.join(run.out, "checkpoints", "round_0")
+    for kind, fields_of, name in ((pc.KIND_FBASE, pc.fbase_fields, FBASE), (pc.KIND_BASE0, pc.base0_fields, BASE)):
+        if kind == pc.KIND_FBASE and run.fbase_ckpt is not None:
+            continue
+        fields = fields_of(cfg, run.train_paths, run.clean_paths)
+        key = pc.key_of(fields)
+        entry, raw, lease = pc.acquire(root, kind, key)
+        if entry is not None and raw is not None:
+            cio.write_bytes(cio.join(dest, name), raw)
+            if kind == pc.KIND_FBASE:
+                run.fbase_ckpt = run.state["fbase_ckpt"] = dest
+                run.fbase_from = "cache"
+            else:
+                run.base0_ckpt, run.base0_from = dest, "cache"
+            log.info("%s: reused from the phase cache (%s, %.1f MB); round 0 trains none", kind, entry.blob,
+                     entry.bytes / 1e6)
+            continue
+        if lease is not None:
+            run.leases.append(lease)
+        run.phase_cache[kind] = {"kind": kind, "root": root, "key": key, "fields": fields,
+                                 "max_bytes": int(cfg.io.phase_cache_bytes)}
+        log.info("%s: not in the phase cache (key %s); round 0 trains it and publishes it there", kind, key)
+
+
+def _release_leases(run: _Run) -> None:
+    for lease in run.leases:
+        lease.release()
+    run.leases = []
+
+
 def _train_set(run: _Run, kept: np.ndarray | None) -> tuple[Any, np.ndarray]:
     """The round's training input (only D_r reaches the trainers: filtered by sample id before Ray
     Train's split) and its per-class counts."""
@@ -408,6 +463,23 @@ def _train_set(run: _Run, kept: np.ndarray | None) -> tuple[Any, np.ndarray]:
     if run.can_usable is not None:
         d = d.union(select_ids(run.can_usable, kept, cpus))
     return d, counts
+
+
+def _publish_round0(run: _Run, ckpt: str) -> None:
+    """After round 0's fit: make sure the phases it trained are in the phase cache (the loop publishes
+    each when its phase ends; this covers a loop that could not), then let waiting runs go."""
+    from ctray.engine import phasecache as pc
+    from ctray.training.loop import BASE, FBASE
+
+    for kind, cache in run.phase_cache.items():
+        try:
+            if pc.lookup(cache["root"], kind, cache["key"]) is None:
+                name = FBASE if kind == pc.KIND_FBASE else BASE
+                pc.publish(cache["root"], kind, cache["key"], cio.read_bytes(cio.join(ckpt, name)), cache["fields"],
+                           cache["max_bytes"])
+        except OSError as e:
+            log.warning("phase cache: %s could not be published to %s: %s", kind, cache["root"], e)
+    _release_leases(run)
 
 
 def _final_pass(run: _Run, ckpt_dir: str, what: str) -> tuple[dict[str, np.ndarray], Any]:
@@ -480,7 +552,8 @@ def _round(run: _Run, r: int, on_round: Callable[[dict[str, Any]], None] | None)
            "checkpoint_async": cfg.scale.checkpoint_async, "n_total": N, "image_shape": list(spec.shape),
            "class_counts": class_counts.tolist(),
            "fbase_keep": fbase_sample(run.sids, run.n_real, cfg.base.max_samples, cfg.seed)
-           if run.fbase_ckpt is None else None}
+           if run.fbase_ckpt is None else None,
+           "phase_cache": run.phase_cache if r == 0 else None, "base0_ckpt": run.base0_ckpt if r == 0 else None}
     # A failed worker group is restarted up to max_failures times; the loop then continues from the
     # latest in-round checkpoint (ctray.training.loop). num_to_keep=1: only the latest is ever read.
     # The two ignores: ray.train.torch rebinds TorchTrainer to the Train V2 class at import (V2 is on by
@@ -504,6 +577,8 @@ def _round(run: _Run, r: int, on_round: Callable[[dict[str, Any]], None] | None)
     if run.fbase_ckpt is None:
         run.fbase_ckpt = ckpt
         run.state["fbase_ckpt"] = ckpt
+    if r == 0:
+        _publish_round0(run, ckpt)
     run.prev_ckpt = ckpt
     final = r == cfg.ct.rounds - 1
     # ---- score ALL of D with confused_r
@@ -525,7 +600,10 @@ def _round(run: _Run, r: int, on_round: Callable[[dict[str, Any]], None] | None)
     if job["train_fbase"]:  # f_base was trained in this fit: on how many samples (base.max_samples)
         info["fbase_samples"] = int(len(job["fbase_keep"])) if job["fbase_keep"] is not None else N
     elif r == 0:
-        info["fbase_samples"] = None  # given (base.checkpoint) or resumed
+        info["fbase_samples"] = None  # given (base.checkpoint), reused from the phase cache, or resumed
+    if r == 0:
+        info["fbase_from"] = run.fbase_from
+        info["base0_from"] = run.base0_from
     rs: dict[str, Any] = {"ckpt": ckpt, "losses": f"rounds/round_{r}_losses.npz"}
     save_npz(cio.join(out, rs["losses"]), sid=run.sids, loss=losses)
     truth = run.truth

@@ -52,7 +52,7 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
 }
 _KINDS = ("uniform", "loguniform", "choice", "randint")
 #: Keys the sweep sets for its own machinery: never copied into best.yaml.
-_MACHINE_PREFIXES = ("io.", "sweep.", "canary.", "scale.")
+_MACHINE_PREFIXES = ("io.", "sweep.", "canary.", "scale.")  # io.phase_cache included
 _MACHINE_KEYS = tuple(f"data.{k}" for k in DATA_RESOURCE_KEYS)
 
 
@@ -85,6 +85,8 @@ class SweepResult:
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
     # empty, or why the objective could not rank the trials (then best.yaml keeps the preset unchanged)
     warning: str = ""
+    # runs (trials + baseline) by how they got f_base / round 0's pretraining (phase_reuse)
+    reuse: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- space
@@ -367,6 +369,13 @@ def sweep(train: str | list[str], clean: str | list[str], out: str, truth: str |
     sample = {k: _domain(s).sample() for k, s in sp.items()}
     load_config(preset, {**ov, **space_overrides(sp, sample, cfg)})
 
+    if cfg.sweep.share_phases and "io.phase_cache" not in user_keys:
+        ov["io.phase_cache"] = os.path.join(out, "cache")  # f_base trained once, copied by every other run
+    if ov.get("io.phase_cache"):
+        from ctray.engine.phasecache import start_claims
+
+        claims = start_claims(ov["io.phase_cache"])  # lives as long as this driver; trials find it by name
+        ray.get(claims.holder.remote(""))  # started before the first trial looks for it
     ctx = {"preset": preset, "overrides": ov, "space": sp, "out": out, "objective": objective,
            "flag_weight": cfg.sweep.flag_weight, "task_cpus": task_cpus}
     baseline_ref = None
@@ -407,13 +416,42 @@ def sweep(train: str | list[str], clean: str | list[str], out: str, truth: str |
         log.warning("sweep: %s", warning)
         best = {**best, "overrides": "{}"}  # recommend nothing the objective could not justify
     _write_trials(out, rows)
+    reuse = phase_reuse(rows)
+    if ov.get("io.phase_cache"):
+        log.info("sweep: phase cache %s: f_base trained by %d run(s), reused by %d; round 0's pretraining "
+                 "trained by %d, reused by %d", ov["io.phase_cache"], reuse["fbase_trained"], reuse["fbase_cache"],
+                 reuse["base0_trained"], reuse["base0_cache"])
     best_path = _write_best(out, preset, ov, best, objective, warning)
     plot = _plot(out, rows, sp, objective)
     secs = time.time() - t0
     log.info("sweep done in %.0fs: best %s = %.4f (trial %s)%s", secs, objective, best["objective"], best["trial"],
              f"; baseline {base_row['objective']:.4f}" if base_row and math.isfinite(base_row["objective"]) else "")
     return SweepResult(out_dir=out, objective=objective, trials=rows, best=best, baseline=base_row,
-                       best_config=best_path, plot=plot, seconds=secs, space=sp, warning=warning)
+                       best_config=best_path, plot=plot, seconds=secs, space=sp, warning=warning, reuse=reuse)
+
+
+def _round0_from(run_dir: str) -> tuple[str, str]:
+    """How a run got f_base and round 0's pretrained model (rounds.json round 0's ``fbase_from``,
+    ``base0_from``: ``trained``, ``cache``, ...), ``""`` each when no round 0 finished."""
+    try:
+        with open(os.path.join(run_dir, "rounds.json")) as f:
+            rounds = json.load(f)
+    except (OSError, ValueError):
+        return "", ""
+    return (str(rounds[0].get("fbase_from", "")), str(rounds[0].get("base0_from", ""))) if rounds else ("", "")
+
+
+def phase_reuse(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Count the runs (trials and baseline) by how they got each shared phase: ``{"fbase_trained",
+    "fbase_cache", "base0_trained", "base0_cache"}`` (runs without a finished round 0, or with a given
+    f_base, are in neither)."""
+    out = {f"{p}_{h}": 0 for p in ("fbase", "base0") for h in ("trained", "cache")}
+    for r in rows:
+        for p in ("fbase", "base0"):
+            k = f"{p}_{r.get(p + '_from', '')}"
+            if k in out:
+                out[k] += 1
+    return out
 
 
 def uninformative_canaries(objective: str, finished: list[dict[str, Any]]) -> str:
@@ -453,6 +491,7 @@ def _trial_row(r: Any, sp: dict[str, dict[str, Any]], ctx: dict[str, Any], cfg: 
     row["n_flagged"] = int(m.get("n_flagged", -1)) if m.get("final") else -1
     row["error"] = str(r.error)[:500] if r.error else ""
     row["run_dir"] = os.path.join(ctx["out"], "trials", row["trial"])
+    row["fbase_from"], row["base0_from"] = _round0_from(row["run_dir"])
     for k in sp:
         row[f"param:{k}"] = r.config.get(k) if r.config else None
     try:
@@ -472,7 +511,7 @@ def _baseline_row(ref: Any, objective: str, flag_weight: float, sp: dict[str, di
     row: dict[str, Any] = {"trial": "baseline", "kind": "baseline", "status": "done", "objective": nan,
                            "last_score": nan, "rounds_done": -1, "seconds": nan, "canary_recall": nan,
                            "flag_rate": nan, "tpr": nan, "fpr": nan, "precision": nan, "f1": nan, "n_flagged": -1,
-                           "error": "", "run_dir": ""}
+                           "error": "", "run_dir": "", "fbase_from": "", "base0_from": ""}
     try:
         res = ray.get(ref)
     except Exception as e:
@@ -490,6 +529,7 @@ def _baseline_row(ref: Any, objective: str, flag_weight: float, sp: dict[str, di
                             else canary_objective(row["canary_recall"], flag_rate, flag_weight) if can else nan)
         row["last_score"] = row["objective"]
         row["rounds_done"] = len(json.load(open(os.path.join(res["run_dir"], "rounds.json"))))
+        row["fbase_from"], row["base0_from"] = _round0_from(res["run_dir"])
     for k in sp:
         row[f"param:{k}"] = None
     row["overrides"] = "{}"

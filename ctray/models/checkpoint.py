@@ -70,13 +70,19 @@ def save_model(path: str, model_or_state: nn.Module | dict[str, torch.Tensor], s
     """Write a checkpoint of ``model_or_state`` (a module, DDP-wrapped or not, or a state dict) to
     ``path``; returns the SHA-256 (hex) of the bytes written, for a reference that must find the same
     file later (:func:`read_checkpoint`'s ``sha256``)."""
+    raw = model_bytes(model_or_state, spec, extra)
+    cio.write_bytes(path, raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def model_bytes(model_or_state: nn.Module | dict[str, torch.Tensor], spec: ModelSpec,
+                extra: dict[str, Any] | None = None) -> bytes:
+    """The bytes :func:`save_model` writes (a ctray checkpoint file), for a caller that stores them itself."""
     blob = {"format": FORMAT, "spec": asdict(spec), "state_dict": _plain_state(model_or_state),
             "extra": dict(extra or {})}
     buf = io.BytesIO()
     torch.save(blob, buf)
-    raw = buf.getvalue()
-    cio.write_bytes(path, raw)
-    return hashlib.sha256(raw).hexdigest()
+    return buf.getvalue()
 
 
 def read_checkpoint(path: str, sha256: str | None = None) -> dict[str, Any]:

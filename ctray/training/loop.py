@@ -540,6 +540,20 @@ def _restore_sampler(sampler: Sampler, own: dict[str, Any] | None, name: str, ra
         log.warning("[w%d] sampler %r starts afresh: %s", rank, name, e)
 
 
+def _publish_phase(cache: dict[str, Any], state: dict[str, torch.Tensor], spec: ModelSpec, extra: dict[str, Any]) -> None:
+    """Publish a finished phase's weights to the phase cache (``cache``: ``kind``, ``root``, ``key``,
+    ``fields``, ``max_bytes``) when the phase ends, so a sweep's waiting runs need not wait for the whole
+    fit. A failure is logged, not raised: the run goes on and the driver publishes after the fit."""
+    from ctray.engine.phasecache import publish
+    from ctray.models.checkpoint import model_bytes
+
+    try:
+        publish(cache["root"], cache["kind"], cache["key"], model_bytes(state, spec, extra), cache["fields"],
+                int(cache.get("max_bytes", 0)))
+    except Exception as e:
+        log.warning("phase cache: %s could not be published from the training loop: %s", cache["kind"], e)
+
+
 def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     """Run one fit's phases on this worker. ``job`` keys:
 
@@ -551,7 +565,10 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     None = no in-round checkpoints at all, for local mode), ``checkpoint_seconds`` (wall seconds between
     them; 0 = not by time), ``checkpoint_async`` (upload them in the background); in ``"train"`` mode
     ``model_out`` (the checkpoint file to write)
-    and ``extra`` (its provenance dict).
+    and ``extra`` (its provenance dict); ``phase_cache`` (optional: ``{"fbase": ..., "base0": ...}``,
+    where f_base / round 0's pretrained model are published when their phase ends,
+    :mod:`ctray.engine.phasecache`), ``base0_ckpt`` (optional, round 0: a directory whose ``base.pt`` is
+    round 0's pretrained model, from the phase cache; pretraining is skipped).
 
     In ``"ct"`` mode rank 0 writes ``base.pt`` (pretrained model of the round), ``confused.pt`` and, when
     trained here, ``fbase.pt`` + ``meta.json`` to ``ckpt_dir`` (the run directory: shared storage on a
@@ -783,6 +800,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             ray.train.report({"n_train": n_fit})
             return {"n_train": n_fit, "times": times, "world": world, "resumed_from": None}
         held["fbase"] = publish(FBASE, fbase_state, base_cfg["arch"])
+        if rank == 0 and (job.get("phase_cache") or {}).get("fbase"):  # a sweep's other runs wait for it
+            _publish_phase(job["phase_cache"]["fbase"], fbase_state, spec_of(base_cfg["arch"]), file_extra(FBASE))
         save("pretrain", 0)
     else:
         if job.get("train_fbase"):
@@ -821,19 +840,27 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     else:
         if r > 0 and not ct["pretrain_from_scratch"] and job.get("prev_base_ckpt") is not None:
             model.load_state_dict(load_weights(job["prev_base_ckpt"], BASE))
+        reused = bool(job.get("base0_ckpt")) and r == 0  # round 0's pretraining from the phase cache
+        if reused:
+            model.load_state_dict(load_weights(job["base0_ckpt"], BASE))
         model = prep(restore(model, start).to(device))
         shifted = None
         n_pre = n_dr
         if r >= ct["reserve_in_pretrain_from"]:
             shifted = LocalSet(reserve.images, (reserve.labels + 1) % C, reserve.sids)
             n_pre = n_dr + int(_allreduce_sum(torch.tensor([len(shifted)]))[0])
-        opt = torch.optim.SGD(model.parameters(), lr=ct["pretrain_lr"] * bscale, momentum=ct["pretrain_momentum"],
-                              weight_decay=ct["pretrain_weight_decay"])
-        restore_opt(opt, None, start)
-        run_steps(f"pretrain r{r}", "pretrain", model, opt, dr, n_pre, ct["pretrain_batch_size"] * bscale,
-                  ct["pretrain_epochs"][r], "none", None, start, subset=keep, extra=shifted)
+        if reused:
+            log.info("[w%d] round 0: pretraining reused (%s)", rank, job["base0_ckpt"])
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=ct["pretrain_lr"] * bscale, momentum=ct["pretrain_momentum"],
+                                  weight_decay=ct["pretrain_weight_decay"])
+            restore_opt(opt, None, start)
+            run_steps(f"pretrain r{r}", "pretrain", model, opt, dr, n_pre, ct["pretrain_batch_size"] * bscale,
+                      ct["pretrain_epochs"][r], "none", None, start, subset=keep, extra=shifted)
         base_state = _state(model)
         held["base"] = publish(BASE, base_state, ct["arch"])
+        if rank == 0 and r == 0 and (job.get("phase_cache") or {}).get("base0"):
+            _publish_phase(job["phase_cache"]["base0"], base_state, spec_of(ct["arch"]), file_extra(BASE))
         save("confusion", 0)
 
     # ---- confusion training confused_r from base_r
