@@ -136,6 +136,8 @@ def test_tiny_sweep_writes_its_outputs(fm_tiny, tmp_path, ray_session):
     for _, r in done.iterrows():  # each finished trial is a full run directory with its canaries
         can = json.load(open(os.path.join(r["run_dir"], "canary.json")))
         assert can["count"] == 8 and can["recall"] == pytest.approx(r["canary_recall"])
+        fit = can["fit_after_round0"]  # measured on the 8 canaries: multiples of 1/8 for both models
+        assert set(fit) == {"fbase", "base0"} and all(0 <= v <= 1 and (v * 8) % 1 == 0 for v in fit.values())
         assert len(pq.read_table(os.path.join(r["run_dir"], "scores.parquet"))) == 600
     best = trials.loc[done["objective"].idxmax()]
     cfg = load_config(config_file=str(out / "best.yaml"))  # what `ctray detect --config best.yaml` reads

@@ -465,6 +465,24 @@ def _train_set(run: _Run, kept: np.ndarray | None) -> tuple[Any, np.ndarray]:
     return d, counts
 
 
+def _canary_fit(run: _Run, ckpt: str) -> dict[str, float]:
+    """The share of the canaries that round 0's f_base and base_0 (the model pretrained on all of D,
+    before confusion) predict as the canary target, each in [0, 1]. A canary no model fits is a
+    backdoor CT cannot isolate, whatever the knobs: the canary objective is then blind."""
+    from ctray.engine.score import collect_scores, score_dataset
+    from ctray.training.loop import BASE, FBASE
+
+    cfg, spec, out = run.cfg, run.spec, {}
+    assert run.cplan is not None
+    for name, fname, arch in (("fbase", FBASE, cfg.base.arch), ("base0", BASE, cfg.ct.arch)):
+        pred = collect_scores(score_dataset(run.can_usable, ckpt, fname, arch, spec.channels, run.C, spec.height,
+                                            cfg.data), ("sid", "pred"))["pred"]
+        out[name] = round(float(np.mean(pred == run.cplan.target)) if len(pred) else 0.0, 4)
+    log.info("canaries fit after round 0: f_base %.3f, base_0 %.3f (share predicted as class %d)", out["fbase"],
+             out["base0"], run.cplan.target)
+    return out
+
+
 def _publish_round0(run: _Run, ckpt: str) -> None:
     """After round 0's fit: make sure the phases it trained are in the phase cache (the loop publishes
     each when its phase ends; this covers a loop that could not), then let waiting runs go."""
@@ -604,6 +622,8 @@ def _round(run: _Run, r: int, on_round: Callable[[dict[str, Any]], None] | None)
     if r == 0:
         info["fbase_from"] = run.fbase_from
         info["base0_from"] = run.base0_from
+        if run.can_usable is not None:  # did the models learn the defender's backdoor at all? (docs/sweep.md)
+            info["canary_fit"] = _canary_fit(run, ckpt)
     rs: dict[str, Any] = {"ckpt": ckpt, "losses": f"rounds/round_{r}_losses.npz"}
     save_npz(cio.join(out, rs["losses"]), sid=run.sids, loss=losses)
     truth = run.truth
@@ -674,7 +694,10 @@ def _decide(run: _Run) -> _Outcome:
         canary = {"count": run.n_can, "target": run.cplan.target, "rate": cfg.canary.rate,
                   "flagged": int(flagged[n:].sum()), "recall": float(flagged[n:].mean()),
                   "outside_flag_rate": float(flagged[:n].mean()),
-                  "kept_per_round": [ri.get("kept_canaries") for ri in run.rounds_info]}
+                  "kept_per_round": [ri.get("kept_canaries") for ri in run.rounds_info],
+                  # share predicted as the target by round 0's f_base and base_0 (None: a run resumed from
+                  # a version that did not measure it)
+                  "fit_after_round0": run.rounds_info[0].get("canary_fit") if run.rounds_info else None}
         log.info("canaries: %d of %d flagged (recall %.3f); flag rate outside them %.4f", canary["flagged"],
                  run.n_can, canary["recall"], canary["outside_flag_rate"])
     return _Outcome(lr, cleansed, flagged, dec, canary)
