@@ -31,7 +31,7 @@ class IOConfig:
     clean: list[str] = field(default_factory=list)  # shard specs of the trusted reserve R
     out: str = ""  # run directory
     truth: str = ""  # optional truth.parquet / .csv (shard, key, poison[, cover])
-    # a cache of finished phases shared by runs (ctray.engine.phasecache; a sweep sets OUT/cache): a run
+    # a cache of finished phases shared by runs (ctray.training.phasecache; a sweep sets OUT/cache): a run
     # whose f_base inputs match a published f_base copies it instead of training one. "" = off
     phase_cache: str = ""
     phase_cache_bytes: int = 4_000_000_000  # bound of the cache: oldest entries go first

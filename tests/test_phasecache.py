@@ -1,4 +1,4 @@
-"""The phase cache (ctray.engine.phasecache): keys, atomic entries, a killed writer, the bound, claims.
+"""The phase cache (ctray.training.phasecache): keys, atomic entries, a killed writer, the bound, claims.
 
 The sweep-level reuse (two trials, one f_base) is asserted in tests/test_sweep.py's tiny sweep.
 """
@@ -15,7 +15,7 @@ import time
 import pytest
 
 from ctray.config import load_config
-from ctray.engine import phasecache as pc
+from ctray.training import phasecache as pc
 
 
 def _fields(tmp_path, **ov):

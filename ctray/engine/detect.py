@@ -404,8 +404,8 @@ def _cached_phases(run: _Run) -> None:
     """``io.phase_cache``: for f_base and round 0's pretrained model (base_0), each in turn: reuse a
     published one whose inputs are this run's (copied into ``checkpoints/round_0/``; round 0 trains it
     not), or claim its key, wait while another run of the sweep trains it, and else train it in round 0
-    and publish it when its phase ends (:mod:`ctray.engine.phasecache`). Only before round 0."""
-    from ctray.engine import phasecache as pc
+    and publish it when its phase ends (:mod:`ctray.training.phasecache`). Only before round 0."""
+    from ctray.training import phasecache as pc
     from ctray.training.loop import BASE, FBASE
 
     cfg = run.cfg
@@ -486,7 +486,7 @@ def _canary_fit(run: _Run, ckpt: str) -> dict[str, float]:
 def _publish_round0(run: _Run, ckpt: str) -> None:
     """After round 0's fit: make sure the phases it trained are in the phase cache (the loop publishes
     each when its phase ends; this covers a loop that could not), then let waiting runs go."""
-    from ctray.engine import phasecache as pc
+    from ctray.training import phasecache as pc
     from ctray.training.loop import BASE, FBASE
 
     for kind, cache in run.phase_cache.items():

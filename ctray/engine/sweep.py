@@ -372,7 +372,7 @@ def sweep(train: str | list[str], clean: str | list[str], out: str, truth: str |
     if cfg.sweep.share_phases and "io.phase_cache" not in user_keys:
         ov["io.phase_cache"] = os.path.join(out, "cache")  # f_base trained once, copied by every other run
     if ov.get("io.phase_cache"):
-        from ctray.engine.phasecache import start_claims
+        from ctray.training.phasecache import start_claims
 
         claims = start_claims(ov["io.phase_cache"])  # lives as long as this driver; trials find it by name
         ray.get(claims.holder.remote(""))  # started before the first trial looks for it

@@ -544,8 +544,8 @@ def _publish_phase(cache: dict[str, Any], state: dict[str, torch.Tensor], spec: 
     """Publish a finished phase's weights to the phase cache (``cache``: ``kind``, ``root``, ``key``,
     ``fields``, ``max_bytes``) when the phase ends, so a sweep's waiting runs need not wait for the whole
     fit. A failure is logged, not raised: the run goes on and the driver publishes after the fit."""
-    from ctray.engine.phasecache import publish
     from ctray.models.checkpoint import model_bytes
+    from ctray.training.phasecache import publish
 
     try:
         publish(cache["root"], cache["kind"], cache["key"], model_bytes(state, spec, extra), cache["fields"],
@@ -567,7 +567,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     ``model_out`` (the checkpoint file to write)
     and ``extra`` (its provenance dict); ``phase_cache`` (optional: ``{"fbase": ..., "base0": ...}``,
     where f_base / round 0's pretrained model are published when their phase ends,
-    :mod:`ctray.engine.phasecache`), ``base0_ckpt`` (optional, round 0: a directory whose ``base.pt`` is
+    :mod:`ctray.training.phasecache`), ``base0_ckpt`` (optional, round 0: a directory whose ``base.pt`` is
     round 0's pretrained model, from the phase cache; pretraining is skipped).
 
     In ``"ct"`` mode rank 0 writes ``base.pt`` (pretrained model of the round), ``confused.pt`` and, when

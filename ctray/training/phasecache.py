@@ -96,7 +96,7 @@ def _common_fields(cfg: Any, train: list[str], clean: list[str]) -> dict[str, An
     normalisation and class count are the run's), the seed, the canaries planted in D, the data settings,
     the N-proportional phases' batch scaling and the worker layout. Left out on purpose: thread counts,
     memory budgets and scoring resources (they do not change what a phase learns)."""
-    from ctray import __version__
+    from ctray._version import __version__
     from ctray.config import DATA_RESOURCE_KEYS
 
     d = cfg.to_dict()
