@@ -40,7 +40,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ctray import io as cio
@@ -171,15 +171,13 @@ def publish(root: str, kind: str, key: str, raw: bytes, fields: dict[str, Any], 
     cio.write_bytes(cio.join(root, kind, key, name), raw)
     if _after_blob is not None:
         _after_blob()
-    entry = {"key": key, "blob": name, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw),
-             "created": time.time(), "fields": fields}
-    cio.write_json(cio.join(root, kind, key, ENTRY), entry)
+    entry = Entry(key=key, blob=cio.join(root, kind, key, name), sha256=hashlib.sha256(raw).hexdigest(),
+                  bytes=len(raw), created=time.time(), fields=fields)
+    cio.write_json(cio.join(root, kind, key, ENTRY), {**asdict(entry), "blob": name})  # blob: relative in the file
     log.info("phase cache: published %s %s (%.1f MB)", kind, key, len(raw) / 1e6)
     if max_bytes > 0:
         evict(root, kind, max_bytes, keep=key)
-    out = lookup(root, kind, key)
-    assert out is not None
-    return out
+    return entry
 
 
 def evict(root: str, kind: str, max_bytes: int, keep: str | None = None) -> list[str]:
