@@ -35,10 +35,16 @@ def test_canary_trigger_is_its_own(shape):
     assert fp.sum() >= 5
     for other in [badnet_patch(shape), trojan_patch(shape), *adaptive_patches(shape)]:
         assert not (fp & _footprint(other, shape)).any()  # no pixel shared with a shipped patch trigger
-    x = np.zeros((2, *shape), np.uint8)
-    y = p.apply(x)
-    assert (y[:, fp].max(axis=-1) > 0).all() and (y[:, ~fp] == 0).all()
-    assert (x == 0).all()  # input untouched
+    s = p.mask.shape[0]
+    assert p.mask.all() and fp.sum() == s * s  # the whole square is pasted: contrast on any background
+    i, j = np.indices((s, s))
+    x_px = (i == j) | (i + j == s - 1)
+    for fill in (0, 255):  # a dark background and a bright object
+        x = np.full((2, *shape), fill, np.uint8)
+        y = p.apply(x)
+        square = y[:, p.top:p.top + s, p.left:p.left + s]
+        assert (square[:, x_px].max(axis=-1) > 0).all() and (square[:, ~x_px] == 0).all()  # a lit X on black
+        assert (y[:, ~fp] == fill).all() and (x == fill).all()  # nothing else changed; input untouched
 
 
 def test_plan_is_seeded_and_excludes_the_target():
@@ -92,9 +98,10 @@ def test_canary_dataset_is_built_in_ray_data(ray_session, tmp_path):
     assert sorted(got["sid"]) == sorted(plan.sids.tolist())
     assert got["shard"].str.startswith(CANARY_PREFIX).all() and (got["source"] == "").all()
     assert set(got.columns) == set(ds.columns())
-    fp = _footprint(canary_patch((16, 16, 3)), (16, 16, 3))
+    p = canary_patch((16, 16, 3))
     img = np.stack(got["image"].to_list())
-    assert (img[:, fp] == np.array([0, 255, 128], np.uint8)).all()
+    square = img[:, p.top:p.top + p.mask.shape[0], p.left:p.left + p.mask.shape[1]]
+    assert np.array_equal(square, np.broadcast_to(p.pattern, square.shape))  # stamped exactly
 
 
 @pytest.mark.timeout(3600)

@@ -1,8 +1,8 @@
 """Defender canaries: CT's proactive idea turned on its own tuning.
 
 The engine plants a small set of backdoor samples of its own: copies of a seeded random subset of D's
-usable non-target samples, stamped with a defender trigger (:func:`canary_patch`: a small "X" at the
-top edge, centred; no shipped attack uses that place or shape) and relabelled to a defender target
+usable non-target samples, stamped with a defender trigger (:func:`canary_patch`: a small "X" in a black square at
+the top edge, centred; no shipped attack uses that place or shape) and relabelled to a defender target
 class. CT trains and scores them like any sample. Since the defender knows exactly which samples they
 are, the share of canaries CT flags ("canary recall") measures, without any ground truth, how well a
 configuration isolates a backdoor; the flag rate outside the canaries measures its cost. ``ctray
@@ -38,8 +38,14 @@ _CANARY_SALT = 0xCA7A
 
 
 def canary_patch(shape: tuple[int, ...]) -> Patch:
-    """The defender trigger: an "X" (both diagonals) of side ``patch_size + 1`` (5 px at 28-32 px),
-    spring green on RGB, white on grey, centred on the top edge (1 px margin from 16 px up).
+    """The defender trigger: a black square of side ``patch_size + 1`` (5 px at 28-32 px) with an "X"
+    (both diagonals) in spring green on RGB, white on grey, centred on the top edge (1 px margin from
+    16 px up). The whole square is pasted (full mask), so the trigger keeps its contrast on bright
+    objects as on a dark background.
+
+    Measured on Fashion-MNIST 10k, ``small-cnn`` (docs/sweep.md, "Canaries the model learns"): with only
+    the X's pixels pasted, no model fitted 20 or 50 canaries (0%); with the square, round 0's base_0
+    fits 95-100% of 20 canaries (0.2%) and none of 10.
 
     Distinct from the shipped triggers of ``ctray.data.attacks`` (corner patches, full-image blends,
     warps): a model that learns it learns a separate backdoor.
@@ -51,7 +57,7 @@ def canary_patch(shape: tuple[int, ...]) -> Patch:
     colour = np.array((0, 255, 128) if c == 3 else (255,), dtype=np.float32)
     pattern = np.clip(np.rint(x[:, :, None] * colour), 0, 255).astype(np.uint8)
     top = 1 if min(h, w) >= 16 else 0
-    return Patch(pattern, x, top, (w - s) // 2)
+    return Patch(pattern, np.ones((s, s), bool), top, (w - s) // 2)
 
 
 @dataclass(frozen=True)
