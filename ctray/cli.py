@@ -660,11 +660,11 @@ def _run_sweep(args: argparse.Namespace) -> int:
         return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else "-"
 
     print(f"{'trial':<14} {'status':<8} {res.objective:>9} {'canary_rec':>10} {'flag_rate':>9} {'tpr':>7} "
-          f"{'fpr':>7} {'f1':>7} {'seconds':>8} {'f_base':>8} {'base_0':>8}")
+          f"{'fpr':>7} {'f1':>7} {'seconds':>8} {'f_base':>8} {'base_0':>8} {'can_fit':>7}")
     for r in res.trials:
         print(f"{r['trial']:<14} {r['status']:<8} {f(r['objective']):>9} {f(r['canary_recall']):>10} "
               f"{f(r['flag_rate']):>9} {f(r['tpr']):>7} {f(r['fpr']):>7} {f(r['f1']):>7} {f(r['seconds']):>8} "
-              f"{r.get('fbase_from') or '-':>8} {r.get('base0_from') or '-':>8}")
+              f"{r.get('fbase_from') or '-':>8} {r.get('base0_from') or '-':>8} {f(r.get('canary_fit_base0')):>7}")
     if res.reuse:
         u = res.reuse
         print(f"shared phases: f_base trained by {u['fbase_trained']} run(s), reused by {u['fbase_cache']}; "

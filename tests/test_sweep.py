@@ -96,6 +96,11 @@ def test_canary_objective_without_any_isolated_canary_recommends_nothing():
     assert uninformative_canaries("canary", [*rows, {"canary_recall": 0.125}]) == ""
     assert uninformative_canaries("f1", rows) == ""  # with truth the objective is F1: always informative
     assert uninformative_canaries("canary", []) == ""
+    # with round 0's canary fit the message says which: never learned, or learned and erased by confusion
+    low = [{"canary_recall": 0.0, "canary_fit_base0": 0.125}, {"canary_recall": 0.0, "canary_fit_base0": nan}]
+    assert "fitted at most 12% of them, so they were not learned" in uninformative_canaries("canary", low)
+    high = [{"canary_recall": 0.0, "canary_fit_base0": 0.95}]
+    assert "fitted up to 95% of them, so confusion erased them" in uninformative_canaries("canary", high)
 
 
 @pytest.mark.timeout(3600)
@@ -138,6 +143,7 @@ def test_tiny_sweep_writes_its_outputs(fm_tiny, tmp_path, ray_session):
         assert can["count"] == 8 and can["recall"] == pytest.approx(r["canary_recall"])
         fit = can["fit_after_round0"]  # measured on the 8 canaries: multiples of 1/8 for both models
         assert set(fit) == {"fbase", "base0"} and all(0 <= v <= 1 and (v * 8) % 1 == 0 for v in fit.values())
+        assert (r["canary_fit_fbase"], r["canary_fit_base0"]) == (fit["fbase"], fit["base0"])  # in trials.parquet
         assert len(pq.read_table(os.path.join(r["run_dir"], "scores.parquet"))) == 600
     best = trials.loc[done["objective"].idxmax()]
     cfg = load_config(config_file=str(out / "best.yaml"))  # what `ctray detect --config best.yaml` reads

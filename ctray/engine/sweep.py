@@ -430,15 +430,24 @@ def sweep(train: str | list[str], clean: str | list[str], out: str, truth: str |
                        best_config=best_path, plot=plot, seconds=secs, space=sp, warning=warning, reuse=reuse)
 
 
-def _round0_from(run_dir: str) -> tuple[str, str]:
-    """How a run got f_base and round 0's pretrained model (rounds.json round 0's ``fbase_from``,
-    ``base0_from``: ``trained``, ``cache``, ...), ``""`` each when no round 0 finished."""
+def _round0_info(run_dir: str) -> dict[str, Any]:
+    """What rounds.json says of a run's round 0: how it got f_base and base_0 (``fbase_from``,
+    ``base0_from``: ``trained``, ``cache``, ...; ``""`` when no round 0 finished) and, with canaries, the
+    share of them each model fits after round 0 (``canary_fit_fbase``, ``canary_fit_base0`` in [0, 1];
+    NaN without canaries or round 0)."""
+    nan = float("nan")
+    out: dict[str, Any] = {"fbase_from": "", "base0_from": "", "canary_fit_fbase": nan, "canary_fit_base0": nan}
     try:
         with open(os.path.join(run_dir, "rounds.json")) as f:
             rounds = json.load(f)
     except (OSError, ValueError):
-        return "", ""
-    return (str(rounds[0].get("fbase_from", "")), str(rounds[0].get("base0_from", ""))) if rounds else ("", "")
+        return out
+    if rounds:
+        r0 = rounds[0]
+        out.update(fbase_from=str(r0.get("fbase_from", "")), base0_from=str(r0.get("base0_from", "")))
+        fit = r0.get("canary_fit") or {}
+        out.update(canary_fit_fbase=float(fit.get("fbase", nan)), canary_fit_base0=float(fit.get("base0", nan)))
+    return out
 
 
 def phase_reuse(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -472,10 +481,14 @@ def uninformative_canaries(objective: str, finished: list[dict[str, Any]]) -> st
     rec = [r.get("canary_recall") for r in finished]
     if any(isinstance(x, int | float) and math.isfinite(x) and x > 0 for x in rec):
         return ""
+    fits = [x for x in (r.get("canary_fit_base0") for r in finished) if isinstance(x, int | float) and math.isfinite(x)]
+    why = (f"round 0's model fitted at most {max(fits):.0%} of them, so they were not learned" if fits and max(fits) < 0.5
+           else "they were not learned or did not survive confusion" if not fits
+           else f"round 0's model fitted up to {max(fits):.0%} of them, so confusion erased them")
     return (f"no finished trial isolated any canary (recall 0 in all {len(finished)}): the canary objective "
             "cannot rank the trials (it only rewards flagging less), so best.yaml keeps the preset unchanged. "
-            "The canaries were not learned or did not survive confusion: raise sweep.canary_rate or "
-            "canary.min_count, lengthen pretraining, or sweep with --truth on a planted copy of your data")
+            f"{why[0].upper() + why[1:]}: raise sweep.canary_rate or canary.min_count, lengthen pretraining, or "
+            "sweep with --truth on a planted copy of your data")
 
 
 def _trial_row(r: Any, sp: dict[str, dict[str, Any]], ctx: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -491,7 +504,7 @@ def _trial_row(r: Any, sp: dict[str, dict[str, Any]], ctx: dict[str, Any], cfg: 
     row["n_flagged"] = int(m.get("n_flagged", -1)) if m.get("final") else -1
     row["error"] = str(r.error)[:500] if r.error else ""
     row["run_dir"] = os.path.join(ctx["out"], "trials", row["trial"])
-    row["fbase_from"], row["base0_from"] = _round0_from(row["run_dir"])
+    row.update(_round0_info(row["run_dir"]))
     for k in sp:
         row[f"param:{k}"] = r.config.get(k) if r.config else None
     try:
@@ -511,7 +524,7 @@ def _baseline_row(ref: Any, objective: str, flag_weight: float, sp: dict[str, di
     row: dict[str, Any] = {"trial": "baseline", "kind": "baseline", "status": "done", "objective": nan,
                            "last_score": nan, "rounds_done": -1, "seconds": nan, "canary_recall": nan,
                            "flag_rate": nan, "tpr": nan, "fpr": nan, "precision": nan, "f1": nan, "n_flagged": -1,
-                           "error": "", "run_dir": "", "fbase_from": "", "base0_from": ""}
+                           "error": "", "run_dir": "", **_round0_info("")}
     try:
         res = ray.get(ref)
     except Exception as e:
@@ -529,7 +542,7 @@ def _baseline_row(ref: Any, objective: str, flag_weight: float, sp: dict[str, di
                             else canary_objective(row["canary_recall"], flag_rate, flag_weight) if can else nan)
         row["last_score"] = row["objective"]
         row["rounds_done"] = len(json.load(open(os.path.join(res["run_dir"], "rounds.json"))))
-        row["fbase_from"], row["base0_from"] = _round0_from(res["run_dir"])
+        row.update(_round0_info(res["run_dir"]))
     for k in sp:
         row[f"param:{k}"] = None
     row["overrides"] = "{}"
