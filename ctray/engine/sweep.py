@@ -484,7 +484,8 @@ def uninformative_canaries(objective: str, finished: list[dict[str, Any]]) -> st
     fits = [x for x in (r.get("canary_fit_base0") for r in finished) if isinstance(x, int | float) and math.isfinite(x)]
     why = (f"round 0's model fitted at most {max(fits):.0%} of them, so they were not learned" if fits and max(fits) < 0.5
            else "they were not learned or did not survive confusion" if not fits
-           else f"round 0's model fitted up to {max(fits):.0%} of them, so confusion erased them")
+           else f"round 0's model fitted up to {max(fits):.0%} of them: they were learned, then erased by "
+                "confusion or not cleansed by the final test (canary.json: kept_per_round)")
     return (f"no finished trial isolated any canary (recall 0 in all {len(finished)}): the canary objective "
             "cannot rank the trials (it only rewards flagging less), so best.yaml keeps the preset unchanged. "
             f"{why[0].upper() + why[1:]}: raise sweep.canary_rate or canary.min_count, lengthen pretraining, or "
