@@ -15,6 +15,7 @@ import pytest
 from ctray.config import load_config
 from ctray.engine.sweep import (
     DEFAULT_SPACE,
+    _round0_info,
     load_space,
     space_overrides,
     trial_metrics,
@@ -84,6 +85,21 @@ def fm_tiny(tmp_path_factory, fmnist_available):
 TINY = ["ct.rounds=3", "ct.pretrain_epochs=[1,1,1]", "ct.iters=[20,20,20]", "ct.lr=[0.015,0.015,0.04]",
         "ct.lam=[20,20,15]", "ct.batch_factor=[2,2,2]", "ct.keep_ratio=[0.5,0.2]", "ct.floor_k=[50,50]",
         "base.epochs=1", "base.milestones=[1]", "sweep.baseline=false"]
+
+
+def test_round0_info_reads_finished_and_stopped_runs(tmp_path):
+    """A finished run has rounds.json; a trial stopped by ASHA only state.json: both give how round 0 got its
+    models and the canary fit (trials.parquet's columns); a run without round 0 gives empty / NaN."""
+    r0 = {"round": 0, "fbase_from": "trained", "base0_from": "cache", "canary_fit": {"fbase": 0.25, "base0": 0.875}}
+    done, stopped, empty = tmp_path / "done", tmp_path / "stopped", tmp_path / "empty"
+    for d in (done, stopped, empty):
+        d.mkdir()
+    (done / "rounds.json").write_text(json.dumps([r0, {"round": 1}]))
+    (stopped / "state.json").write_text(json.dumps({"rounds": [{"info": r0}, {"info": {"round": 1}}]}))
+    want = {"fbase_from": "trained", "base0_from": "cache", "canary_fit_fbase": 0.25, "canary_fit_base0": 0.875}
+    assert _round0_info(str(done)) == want and _round0_info(str(stopped)) == want
+    got = _round0_info(str(empty))
+    assert got["fbase_from"] == got["base0_from"] == "" and np.isnan(got["canary_fit_base0"])
 
 
 def test_canary_objective_without_any_isolated_canary_recommends_nothing():

@@ -437,11 +437,16 @@ def _round0_info(run_dir: str) -> dict[str, Any]:
     NaN without canaries or round 0)."""
     nan = float("nan")
     out: dict[str, Any] = {"fbase_from": "", "base0_from": "", "canary_fit_fbase": nan, "canary_fit_base0": nan}
+    rounds: list[dict[str, Any]] = []
     try:
         with open(os.path.join(run_dir, "rounds.json")) as f:
             rounds = json.load(f)
-    except (OSError, ValueError):
-        return out
+    except (OSError, ValueError):  # a run stopped by ASHA has no rounds.json: its state.json has the rounds
+        try:
+            with open(os.path.join(run_dir, "state.json")) as f:
+                rounds = [r.get("info") or {} for r in json.load(f).get("rounds", [])]
+        except (OSError, ValueError, AttributeError):
+            return out
     if rounds:
         r0 = rounds[0]
         out.update(fbase_from=str(r0.get("fbase_from", "")), base0_from=str(r0.get("base0_from", "")))
