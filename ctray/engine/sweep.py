@@ -430,13 +430,19 @@ def sweep(train: str | list[str], clean: str | list[str], out: str, truth: str |
                        best_config=best_path, plot=plot, seconds=secs, space=sp, warning=warning, reuse=reuse)
 
 
-def _round0_info(run_dir: str) -> dict[str, Any]:
-    """What rounds.json says of a run's round 0: how it got f_base and base_0 (``fbase_from``,
-    ``base0_from``: ``trained``, ``cache``, ...; ``""`` when no round 0 finished) and, with canaries, the
-    share of them each model fits after round 0 (``canary_fit_fbase``, ``canary_fit_base0`` in [0, 1];
-    NaN without canaries or round 0)."""
+def _no_round0() -> dict[str, Any]:
+    """The :func:`_round0_info` of a run without a finished round 0."""
     nan = float("nan")
-    out: dict[str, Any] = {"fbase_from": "", "base0_from": "", "canary_fit_fbase": nan, "canary_fit_base0": nan}
+    return {"fbase_from": "", "base0_from": "", "canary_fit_fbase": nan, "canary_fit_base0": nan}
+
+
+def _round0_info(run_dir: str) -> dict[str, Any]:
+    """What a run directory says of its round 0 (rounds.json, or state.json for a run stopped early): how
+    it got f_base and base_0 (``fbase_from``, ``base0_from``: ``trained``, ``cache``, ...; ``""`` when no
+    round 0 finished) and, with canaries, the share of them each model fits after round 0
+    (``canary_fit_fbase``, ``canary_fit_base0`` in [0, 1]; NaN without canaries or round 0)."""
+    nan = float("nan")
+    out = _no_round0()
     rounds: list[dict[str, Any]] = []
     try:
         with open(os.path.join(run_dir, "rounds.json")) as f:
@@ -487,10 +493,13 @@ def uninformative_canaries(objective: str, finished: list[dict[str, Any]]) -> st
     if any(isinstance(x, int | float) and math.isfinite(x) and x > 0 for x in rec):
         return ""
     fits = [x for x in (r.get("canary_fit_base0") for r in finished) if isinstance(x, int | float) and math.isfinite(x)]
-    why = (f"round 0's model fitted at most {max(fits):.0%} of them, so they were not learned" if fits and max(fits) < 0.5
-           else "they were not learned or did not survive confusion" if not fits
-           else f"round 0's model fitted up to {max(fits):.0%} of them: they were learned, then erased by "
-                "confusion or not cleansed by the final test (canary.json: kept_per_round)")
+    if not fits:
+        why = "they were not learned or did not survive confusion"
+    elif max(fits) < 0.5:
+        why = f"round 0's model fitted at most {max(fits):.0%} of them, so they were not learned"
+    else:
+        why = (f"round 0's model fitted up to {max(fits):.0%} of them: they were learned, then erased by "
+               "confusion or not cleansed by the final test (canary.json: kept_per_round)")
     return (f"no finished trial isolated any canary (recall 0 in all {len(finished)}): the canary objective "
             "cannot rank the trials (it only rewards flagging less), so best.yaml keeps the preset unchanged. "
             f"{why[0].upper() + why[1:]}: raise sweep.canary_rate or canary.min_count, lengthen pretraining, or "
@@ -530,7 +539,7 @@ def _baseline_row(ref: Any, objective: str, flag_weight: float, sp: dict[str, di
     row: dict[str, Any] = {"trial": "baseline", "kind": "baseline", "status": "done", "objective": nan,
                            "last_score": nan, "rounds_done": -1, "seconds": nan, "canary_recall": nan,
                            "flag_rate": nan, "tpr": nan, "fpr": nan, "precision": nan, "f1": nan, "n_flagged": -1,
-                           "error": "", "run_dir": "", **_round0_info("")}
+                           "error": "", "run_dir": "", **_no_round0()}
     try:
         res = ray.get(ref)
     except Exception as e:
