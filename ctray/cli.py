@@ -51,6 +51,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         sp.add_argument("--n-test", type=int, default=None, help="test samples (default: the rest)")
         sp.add_argument("--shard-size", type=int, default=1000)
         sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--train-slice", type=int, default=0, metavar="K",
+                        help="take block K of n-train samples of the seed's order of the train pool: slices "
+                             "0, 1, ... of one seed are disjoint train sets (a confirmation slice)")
         if name == "folder":
             sp.add_argument("--root", required=True, help="ImageFolder tree: ROOT/<class>/<image>")
             sp.add_argument("--image-size", type=int, default=None, help="resize to SIZE x SIZE")
@@ -89,7 +92,7 @@ def _run_data(args: argparse.Namespace) -> int:
         summary = make_dataset(args.source, args.out, n_train=args.n_train, n_clean=args.n_clean,
                                n_test=args.n_test, shard_size=args.shard_size, seed=args.seed,
                                root=getattr(args, "root", None), download=getattr(args, "download", False),
-                               image_size=getattr(args, "image_size", None))
+                               image_size=getattr(args, "image_size", None), train_slice=args.train_slice)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 

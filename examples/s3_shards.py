@@ -14,6 +14,7 @@ to the bucket beside it. tests/test_s3.py runs this script against a real S3 ser
 from __future__ import annotations
 
 import argparse
+import logging
 
 import ctray
 from ctray.config import parse_overrides
@@ -26,6 +27,9 @@ def main() -> None:
     p.add_argument("--preset", default=None, help="default: chosen from the data")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config fields, as on the CLI")
     args = p.parse_intermixed_args()
+    # progress on stderr (a rerun with the same OUT logs "resuming ...: k of n rounds already done")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ctray").setLevel(logging.INFO)
     data, out = args.data.rstrip("/"), args.out.rstrip("/")
 
     res = ctray.detect(f"{data}/train-*.tar", f"{data}/clean-*.tar", f"{out}/run", preset=args.preset,

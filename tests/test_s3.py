@@ -118,46 +118,61 @@ def _scores(server, prefix: str):
     return pq.read_table(io.BytesIO(server.get(RUNS, f"{prefix}/scores.parquet"))).to_pandas()
 
 
-def test_detect_reads_and_writes_s3(bucket):
-    """`ctray detect` (local mode) with inputs and the whole run directory in the bucket."""
+@pytest.fixture(scope="module")
+def cli_run(bucket):
+    """One `ctray detect` CLI run (local mode) with inputs and the whole run directory in the bucket, at
+    s3://runs/shared/run; the example test resumes it (one detection for both tests: each costs ~60 s)."""
     env = _child_env(bucket)
     t = time.monotonic()
-    p = _detect(env, f"s3://{RUNS}/r1", "scale.num_workers=0")
-    first_s = time.monotonic() - t
+    p = _detect(env, f"s3://{RUNS}/shared/run", "scale.num_workers=0")
+    return p, time.monotonic() - t
+
+
+def test_detect_reads_and_writes_s3(bucket, cli_run):
+    """`ctray detect` (local mode) with inputs and the whole run directory in the bucket."""
+    p, first_s = cli_run
     assert p.returncode == 0, p.stderr[-3000:]
-    keys = set(bucket.list_keys(RUNS, "r1/"))
+    r1 = "shared/run"
+    keys = set(bucket.list_keys(RUNS, f"{r1}/"))
     for f in ("scores.parquet", "quarantine.parquet", "shards.parquet", "decisions.json", "rounds.json",
               "run.json", "config.yaml", "state.json", "report.html", "rounds/round_0_losses.npz",
               "rounds/round_0_kept.npy", "rounds/round_1_losses.npz"):
-        assert f"r1/{f}" in keys, f
+        assert f"{r1}/{f}" in keys, f
     for r in (0, 1):
-        assert {f"r1/checkpoints/round_{r}/{f}" for f in ("base.pt", "confused.pt", "meta.json")} <= keys
-    assert "r1/checkpoints/round_0/fbase.pt" in keys
-    assert any(k.startswith("r1/plots/") for k in keys)
-    scores = _scores(bucket, "r1")
+        assert {f"{r1}/checkpoints/round_{r}/{f}" for f in ("base.pt", "confused.pt", "meta.json")} <= keys
+    assert f"{r1}/checkpoints/round_0/fbase.pt" in keys
+    assert any(k.startswith(f"{r1}/plots/") for k in keys)
+    scores = _scores(bucket, r1)
     assert len(scores) == N_TRAIN  # exactly one row per input sample
     assert not scores.duplicated(["shard", "key"]).any()
     assert sorted(scores["shard"].unique()) == [f"train-{i:06d}.tar" for i in range(4)]
-    state = json.loads(bucket.get(RUNS, "r1/state.json"))
-    assert len(state["rounds"]) == 2 and state["rounds"][0]["ckpt"] == f"s3://{RUNS}/r1/checkpoints/round_0"
-    run = json.loads(bucket.get(RUNS, "r1/run.json"))
+    state = json.loads(bucket.get(RUNS, f"{r1}/state.json"))
+    assert len(state["rounds"]) == 2 and state["rounds"][0]["ckpt"] == f"s3://{RUNS}/{r1}/checkpoints/round_0"
+    run = json.loads(bucket.get(RUNS, f"{r1}/run.json"))
     assert run["counts"]["read"] == run["counts"]["usable"] == N_TRAIN
     print(f"s3 detect: {first_s:.1f}s")
 
 
-def test_s3_example_runs_against_the_bucket(bucket):
-    """examples/s3_shards.py as its docstring says, with the bucket as DATA and OUT: the run directory and
-    the cleansed shards land in the bucket, and the kept + removed counts add up to what was read."""
+def test_s3_example_runs_against_the_bucket(bucket, cli_run):
+    """examples/s3_shards.py as its docstring says, with the bucket as DATA and OUT: its run directory is the
+    CLI run's (same inputs and config, the shards named by a glob instead of braces), so the library resumes
+    it from the bucket with both rounds done; the cleansed shards land in the bucket, and the kept +
+    removed counts add up to what was read."""
+    assert cli_run[0].returncode == 0, cli_run[0].stderr[-3000:]
+    before = json.loads(bucket.get(RUNS, "shared/run/state.json"))
     env = _child_env(bucket)
     cmd = [sys.executable, os.path.join(REPO, "examples", "s3_shards.py"), f"s3://{BUCKET}/fm",
-           f"s3://{RUNS}/example", "--preset", "smoke", *TINY, "scale.num_workers=0"]
+           f"s3://{RUNS}/shared", "--preset", "smoke", *TINY, "scale.num_workers=0"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 of 2 rounds already done" in p.stderr, p.stderr[-3000:]
+    assert json.loads(bucket.get(RUNS, "shared/run/state.json"))["rounds"] == before["rounds"]
     assert f"of {N_TRAIN} samples flagged" in p.stdout and "4 shards, 0 quarantined" in p.stdout, p.stdout
-    manifest = json.loads(bucket.get(RUNS, "example/cleansed/manifest.json"))
+    manifest = json.loads(bucket.get(RUNS, "shared/cleansed/manifest.json"))
     assert manifest["counts"]["read"] == N_TRAIN
     assert manifest["counts"]["written"] + manifest["counts"]["removed"] == N_TRAIN
-    assert "example/run/scores.parquet" in bucket.list_keys(RUNS, "example/run/")
+    flagged = int(_scores(bucket, "shared/run")["flagged"].sum())
+    assert manifest["counts"]["removed"] == flagged
 
 
 @pytest.mark.slow

@@ -187,3 +187,37 @@ def test_cli_data_and_poison(tmp_path, capsys):
     capsys.readouterr()
     assert main(["data", "poison", "--in", d, "--out", e, "--attack", "nope"]) == 2
     assert "known: badnet" in capsys.readouterr().err
+
+
+def test_train_slices_are_disjoint_and_share_the_reserve(tmp_path):
+    """--train-slice K: block K of the seed's order of the train pool; slice 0 is the default split, slices
+    of one seed never share a train sample and keep the same clean and test splits."""
+    d0, d1, d = (str(tmp_path / n) for n in ("s0", "s1", "default"))
+    m0 = make_dataset("digits", d0, 500, None, None, shard_size=500, seed=3, train_slice=0)
+    m1 = make_dataset("digits", d1, 500, None, None, shard_size=500, seed=3, train_slice=1)
+    make_dataset("digits", d, 500, None, None, shard_size=500, seed=3)
+    assert m0["train_slice"] == 0 and m1["train_slice"] == 1 and m1["counts"]["train"] == 500
+    keys = [{r.key for r in load_split(x, "train", m)} for x, m in ((d0, m0), (d1, m1))]
+    assert len(keys[0]) == len(keys[1]) == 500 and not keys[0] & keys[1]
+    clean = [{r.key for r in load_split(x, "clean", m)} for x, m in ((d0, m0), (d1, m1))]
+    assert clean[0] == clean[1]
+    assert open(f"{d0}/train-000000.tar", "rb").read() == open(f"{d}/train-000000.tar", "rb").read()
+    # 1797 digits, 600 of them clean + test: slices 0 and 1 of 500 fit, slice 2 does not
+    with pytest.raises(DataError, match=r"train slice 2 of 500 samples needs 2100 images; the pool of digits has 1797 \(slices 0..1 fit\)"):
+        make_dataset("digits", str(tmp_path / "s2"), 500, None, None, shard_size=500, seed=3, train_slice=2)
+    with pytest.raises(DataError, match="train_slice must be >= 0"):
+        make_dataset("digits", str(tmp_path / "neg"), 500, None, None, shard_size=500, seed=3, train_slice=-1)
+
+
+@needs_fmnist
+def test_fashion_mnist_train_slices_are_disjoint(tmp_path):
+    from ctray.cli import main
+
+    m = []
+    for k in (0, 1):
+        out = str(tmp_path / f"s{k}")
+        assert main(["-q", "data", "fashion-mnist", "--out", out, "--n-train", "300", "--n-clean", "50",
+                     "--n-test", "50", "--shard-size", "300", "--seed", "7", "--train-slice", str(k)]) == 0
+        m.append((out, read_manifest(expand_shards(out))))
+    keys = [{r.key for r in load_split(out, "train", man)} for out, man in m]
+    assert len(keys[0]) == len(keys[1]) == 300 and not keys[0] & keys[1]

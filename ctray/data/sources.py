@@ -51,7 +51,7 @@ class _Pool:
 
 def make_dataset(source: str, out_dir: str, n_train: int | None, n_clean: int | None, n_test: int | None,
                  shard_size: int, seed: int, root: str | None = None, download: bool = False,
-                 image_size: int | None = None) -> dict[str, Any]:
+                 image_size: int | None = None, train_slice: int = 0) -> dict[str, Any]:
     """Write a source as train / clean / test shards plus ``manifest.json`` under ``out_dir``.
 
     Args:
@@ -65,9 +65,12 @@ def make_dataset(source: str, out_dir: str, n_train: int | None, n_clean: int | 
             (default ``/usr/share/datasets/fashion-mnist``); ``cifar10`` / ``gtsrb``: torchvision's root.
         download: allow torchvision to download ``cifar10`` / ``gtsrb`` (needs network).
         image_size: ``folder`` / ``gtsrb``: decode and resize to ``image_size x image_size``.
+        train_slice: which block of ``n_train`` samples of the seed's permutation of the train pool to
+            take (0 = the first). Slices 0, 1, ... of one seed are disjoint train sets with the same clean
+            and test splits: a confirmation set for a change measured on slice 0.
 
     Returns:
-        The manifest written: ``source, seed, num_classes, classes, image_shape [H, W, C], counts,
+        The manifest written: ``source, seed, train_slice, num_classes, classes, image_shape [H, W, C], counts,
         shards, ctray_version``.
 
     Raises:
@@ -80,25 +83,27 @@ def make_dataset(source: str, out_dir: str, n_train: int | None, n_clean: int | 
         raise DataError(f"shard_size must be >= 1, got {shard_size}")
     if image_size is not None and image_size < 8:
         raise DataError(f"image_size must be >= 8, got {image_size}")
+    if train_slice < 0:
+        raise DataError(f"train_slice must be >= 0, got {train_slice}")
     rng = np.random.default_rng(seed)
     shape: tuple[int, ...]
     if source == "fashion-mnist":
         train, test, classes = _fashion_mnist(root or FMNIST_DIR)
-        splits = _split_two(train, test, n_train, n_clean, n_test, rng, source)
+        splits = _split_two(train, test, n_train, n_clean, n_test, rng, source, train_slice)
     elif source == "digits":
         pool, classes = _digits()
         splits = _split_pool(pool, n_train, 300 if n_clean is None else n_clean,
-                             300 if n_test is None else n_test, rng, source)
+                             300 if n_test is None else n_test, rng, source, train_slice)
     elif source == "folder":
         if not root:
             raise DataError("source 'folder' needs root (--root DIR holding DIR/<class>/<image>)")
         pool, classes, shape = _folder(root, image_size)
         n10 = int(round(0.1 * len(pool)))
         splits = _split_pool(pool, n_train, n10 if n_clean is None else n_clean,
-                             n10 if n_test is None else n_test, rng, source)
+                             n10 if n_test is None else n_test, rng, source, train_slice)
     elif source in ("cifar10", "gtsrb"):
         train, test, classes = _torchvision(source, root, download, image_size)
-        splits = _split_two(train, test, n_train, n_clean, n_test, rng, source)
+        splits = _split_two(train, test, n_train, n_clean, n_test, rng, source, train_slice)
     else:
         raise DataError(f"unknown source {source!r}; known: {', '.join(SOURCES)}")
     if source != "folder":
@@ -111,7 +116,8 @@ def make_dataset(source: str, out_dir: str, n_train: int | None, n_clean: int | 
         shards[split] = _write_split(out_dir, split, pool, order, shard_size, root)
         log.info("%s: wrote %d %s samples in %d shards to %s", source, len(order), split,
                  len(shards[split]), out_dir)
-    manifest = {"source": source, "seed": seed, "num_classes": len(classes), "classes": classes,
+    manifest = {"source": source, "seed": seed, "train_slice": train_slice, "num_classes": len(classes),
+                "classes": classes,
                 "image_shape": list(shape), "counts": {s: len(splits[s][1]) for s in SPLITS},
                 "shards": shards, "ctray_version": __version__}
     if source == "folder":
@@ -174,9 +180,19 @@ def _write_split(out_dir: str, split: str, pool: _Pool, order: np.ndarray, shard
 Splits = dict[str, tuple[_Pool, np.ndarray]]
 
 
+def _slice(perm: np.ndarray, start: int, n: int, k: int, source: str, what: str) -> np.ndarray:
+    """Block ``k`` of ``n`` entries of ``perm`` after ``start`` (train slice ``k``)."""
+    lo = start + k * n
+    if lo + n > len(perm):
+        raise DataError(f"train slice {k} of {n} samples needs {lo + n} images; {what} of {source} has "
+                        f"{len(perm)} (slices 0..{max(0, (len(perm) - start) // max(n, 1) - 1)} fit)")
+    return perm[lo:lo + n]
+
+
 def _split_two(train: _Pool, test: _Pool, n_train: int | None, n_clean: int | None, n_test: int | None,
-               rng: np.random.Generator, source: str) -> Splits:
-    """Train: a seeded subset of the train split; clean + test: disjoint subsets of the test split."""
+               rng: np.random.Generator, source: str, train_slice: int = 0) -> Splits:
+    """Train: a seeded subset of the train split (block ``train_slice`` of its permutation); clean + test:
+    disjoint subsets of the test split."""
     n_train = len(train) if n_train is None else n_train
     n_clean = min(2000, len(test)) if n_clean is None else n_clean
     if n_train < 1 or n_train > len(train):
@@ -187,14 +203,15 @@ def _split_two(train: _Pool, test: _Pool, n_train: int | None, n_clean: int | No
     if n_clean + n_test > len(test):
         raise DataError(f"n_clean + n_test = {n_clean + n_test} exceeds the {len(test)} images of the "
                         f"{source} test split (clean and test are disjoint parts of it)")
-    tr = rng.permutation(len(train))[:n_train]
+    tr = _slice(rng.permutation(len(train)), 0, n_train, train_slice, source, "the train split")
     te = rng.permutation(len(test))
     return {"train": (train, tr), "clean": (test, te[:n_clean]), "test": (test, te[n_clean:n_clean + n_test])}
 
 
 def _split_pool(pool: _Pool, n_train: int | None, nc: int, nt: int,
-                rng: np.random.Generator, source: str) -> Splits:
-    """One pool split three ways: clean and test first (fixed by the seed), train from the rest."""
+                rng: np.random.Generator, source: str, train_slice: int = 0) -> Splits:
+    """One pool split three ways: clean and test first (fixed by the seed), train from the rest (block
+    ``train_slice`` of it)."""
     n = len(pool)
     if nc + nt >= n:
         raise DataError(f"n_clean + n_test = {nc + nt} leaves no train sample of the {n} images of {source}")
@@ -204,7 +221,7 @@ def _split_pool(pool: _Pool, n_train: int | None, nc: int, nt: int,
                         f"n_clean={nc} and n_test={nt}), got {n_train}")
     perm = rng.permutation(n)
     return {"clean": (pool, perm[:nc]), "test": (pool, perm[nc:nc + nt]),
-            "train": (pool, perm[nc + nt:nc + nt + n_train])}
+            "train": (pool, _slice(perm, nc + nt, n_train, train_slice, source, "the pool"))}
 
 
 # ----------------------------------------------------------------------------------------------------
