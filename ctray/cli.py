@@ -207,7 +207,7 @@ def _run_presets(args: argparse.Namespace) -> int:
 
     def cost_of(c: Config) -> ScheduleCost:
         return schedule_cost(c.base.epochs, c.ct.pretrain_epochs, c.ct.keep_ratio, c.ct.iters, c.ct.batch_size,
-                             c.xclass.enabled, c.base.max_samples, n, bool(c.base.checkpoint))
+                             c.xclass.enabled, c.base.max_samples, n, bool(c.base.checkpoint), c.ct.pretrain_ref_n)
 
     ref = cost_of(load_config("reference-cifar"))  # the paper's schedule as published, without the overrides
     for name in list_presets():
@@ -247,7 +247,7 @@ def _print_steps_and_checkpoints(n: int, rows: list[tuple[str, Any, Any]]) -> No
     for name, c, _ in rows:
         st = schedule_steps(n, c.base.epochs, c.base.batch_size, c.ct.pretrain_epochs, c.ct.pretrain_batch_size,
                             c.ct.keep_ratio, c.ct.iters, c.base.max_samples, bool(c.base.checkpoint),
-                            c.ct.batch_scale)
+                            c.ct.batch_scale, c.ct.pretrain_ref_n)
         fb_mb, ct_mb = checkpoint_bytes(n_params(c.base.arch)) / 1e6, checkpoint_bytes(n_params(c.ct.arch)) / 1e6
         before = checkpoint_bytes(n_params(c.ct.arch), n_params(c.base.arch) + n_params(c.ct.arch)) / 1e6
         count = st.fbase // 2000 + (st.pretrain + st.confusion) // 2000

@@ -158,6 +158,11 @@ class CTConfig:
     # 1 = the reference.
     batch_scale: int = 1
     warmup_epochs: float = 2.0
+    # Pretraining epochs given for a D of pretrain_ref_n samples: at N > pretrain_ref_n each round's epochs
+    # become ceil(epochs * pretrain_ref_n / N), at least 1, so a round takes about the steps (and sees about
+    # the poison samples, at a given poison rate) it takes at pretrain_ref_n, and the passes over D fall as
+    # N grows (core.cost.scaled_pretrain_epochs). 0 = the epochs as given at every N (the paper).
+    pretrain_ref_n: int = 0
 
 
 @dataclass
@@ -577,6 +582,10 @@ class Config:
             if name in ("CPU", "GPU", "memory") or v < 0:
                 raise ConfigError(f"scale.worker_resources.{name}={v}: give custom resources >= 0 only (CPUs and "
                                   f"GPUs have scale.cpus_per_worker / scale.gpus_per_worker)")
+        if isinstance(self.ct.pretrain_ref_n, bool) or not isinstance(self.ct.pretrain_ref_n, int) \
+                or self.ct.pretrain_ref_n < 0:
+            raise ConfigError(f"ct.pretrain_ref_n must be an integer >= 0 (0 = epochs as given), "
+                              f"got {self.ct.pretrain_ref_n!r}")
         if self.ct.batch_scale < 1 or self.ct.warmup_epochs < 0:
             raise ConfigError(f"ct.batch_scale must be >= 1 and ct.warmup_epochs >= 0, got {self.ct.batch_scale}, "
                               f"{self.ct.warmup_epochs}")

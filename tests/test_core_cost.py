@@ -87,3 +87,36 @@ def test_presets_prints_steps_and_checkpoint_volume(capsys):
     # ResNet-18 (11.2M parameters): 89 MB now (weights + momentum), 179 MB before (+ f_base + base)
     assert ref[1] == "58,090,500" and ref[5:8] == ["89.4", "/", "89.4"]
     assert float(ref[8]) == pytest.approx(2 * 89.4, rel=0.01) and ref[9] == "29,045"
+
+
+def test_pretrain_epochs_scale_down_with_n_from_the_reference_n():
+    from ctray.core.cost import scaled_pretrain_epochs, schedule_steps
+
+    assert scaled_pretrain_epochs([6, 6, 4, 4, 4, 4], 10_000, 10_000) == [6, 6, 4, 4, 4, 4]
+    assert scaled_pretrain_epochs([6, 6, 4, 4, 4, 4], 5_000, 10_000) == [6, 6, 4, 4, 4, 4]  # never more
+    assert scaled_pretrain_epochs([6, 6, 4, 4, 4, 4], 50_000, 10_000) == [2, 2, 1, 1, 1, 1]  # ceil(1.2), ceil(0.8)
+    assert scaled_pretrain_epochs([6, 0, 4], 10**7, 10_000) == [1, 0, 1]  # at least 1; a 0 stays 0
+    assert scaled_pretrain_epochs([6, 6], 10**7, 0) == [6, 6]  # 0 = the paper: epochs as given
+    # the steps stay at least those at the reference N (up to the rounding of steps per epoch)
+    small = load_config("small")
+    args = (small.base.epochs, small.base.batch_size, small.ct.pretrain_epochs, small.ct.pretrain_batch_size,
+            small.ct.keep_ratio, small.ct.iters)
+    at_ref = schedule_steps(10_000, *args).pretrain
+    for n in (20_000, 50_000, 500_000):
+        assert 0.99 * at_ref <= schedule_steps(n, *args, pretrain_ref_n=10_000).pretrain < schedule_steps(n, *args).pretrain
+
+
+def test_fast_preset_is_small_at_10k_and_a_fiftieth_of_the_reference_from_50k():
+    def passes(name: str, n: int) -> float:
+        c = load_config(name)
+        return schedule_cost(c.base.epochs, c.ct.pretrain_epochs, c.ct.keep_ratio, c.ct.iters, c.ct.batch_size,
+                             c.xclass.enabled, c.base.max_samples, n, bool(c.base.checkpoint),
+                             c.ct.pretrain_ref_n).train_passes
+
+    ref = passes("reference-cifar", 10_000)
+    assert passes("fast", 10_000) == pytest.approx(passes("small", 10_000))
+    for n in (50_000, 500_000, 10**7):
+        assert passes("fast", n) <= ref / 50, n
+    assert passes("fast", 50_000) == pytest.approx(1.6 + 2 + 2 * 0.5 + 0.2 + 0.04 + 0.02 + 0.01)
+    with pytest.raises(ConfigError, match="ct.pretrain_ref_n must be an integer >= 0"):
+        load_config("fast", {"ct.pretrain_ref_n": -1})

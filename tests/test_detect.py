@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -377,11 +378,17 @@ def test_fbase_on_a_sample_then_given_to_another_run(fm_badnet, tmp_path):
 
     ov = {"io.train": [f"{fm_badnet}/train-000000.tar"], **QUICK4, "ct.rounds": 2, "ct.iters": [30, 30],
           "ct.lr": [0.015, 0.04], "ct.lam": [20, 15], "ct.batch_factor": [2, 2], "ct.keep_ratio": [0.5],
-          "ct.floor_k": [50], "ct.pretrain_epochs": [1, 1], "ct.reserve_in_pretrain_from": 1}
+          "ct.floor_k": [50], "ct.pretrain_epochs": [3, 2], "ct.pretrain_ref_n": 400, "ct.reserve_in_pretrain_from": 1}
     a_out = str(tmp_path / "a")
-    detect(_cfg(fm_badnet, a_out, truth=False, **ov, **{"base.max_samples": 300}))
+    cfg_a = _cfg(fm_badnet, a_out, truth=False, **ov, **{"base.max_samples": 300})
+    detect(cfg_a)
     ra = json.load(open(f"{a_out}/rounds.json"))
     assert ra[0]["fbase_samples"] == 300 and "f_base" in ra[0]["phase_seconds"]
+    # ct.pretrain_ref_n: epochs [3, 2] given for N = 400 become ceil(e * 400 / N) at N = 1,000: [2, 1]
+    n = ra[0]["n_train_set"]
+    assert n == 1000 and [r["pretrain_epochs"] for r in ra] == [2, 1]
+    assert ra[0]["phase_steps"]["pretrain r0"] == 2 * math.ceil(n / 32)  # what the loop ran
+    assert ra[0]["phase_steps"]["f_base"] == cfg_a.base.epochs * math.ceil(300 / cfg_a.base.batch_size)
     fbase = f"{a_out}/checkpoints/round_0/fbase.pt"
 
     b_out = str(tmp_path / "b")

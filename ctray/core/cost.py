@@ -8,6 +8,7 @@ Pure Python. Round r >= 1 trains on ``keep_ratio[r - 1] * N`` samples; the per-c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -39,13 +40,27 @@ class ScheduleCost:
         return {**asdict(self), "train_passes": self.train_passes}
 
 
+def scaled_pretrain_epochs(epochs: Sequence[int], n: int, ref_n: int) -> list[int]:
+    """Each round's pretraining epochs at N = ``n`` for epochs given at N = ``ref_n``
+    (``ct.pretrain_ref_n``): ``ceil(e * ref_n / n)``, at least 1, never more than ``e`` (a round with 0 epochs
+    stays 0). ``ref_n`` 0 or ``n <= ref_n``: the epochs as given.
+
+    Every round's set is a fixed share of N, so its steps per epoch grow with N: the rounded-up epochs keep
+    each round's steps at least those at ``ref_n``, and its passes over D fall as ``ref_n / n``.
+    """
+    if not ref_n or n <= ref_n:
+        return [int(e) for e in epochs]
+    return [min(int(e), max(1, math.ceil(int(e) * ref_n / n))) for e in epochs]
+
+
 def schedule_cost(base_epochs: int, pretrain_epochs: Sequence[int], keep_ratio: Sequence[float],
                   iters: Sequence[int], batch_size: int, xclass: bool = False, base_max_samples: int = 0,
-                  n: int | None = None, fbase_given: bool = False) -> ScheduleCost:
+                  n: int | None = None, fbase_given: bool = False, pretrain_ref_n: int = 0) -> ScheduleCost:
     """The cost of a schedule (config fields ``base.epochs``, ``ct.pretrain_epochs``, ``ct.keep_ratio``,
     ``ct.iters``, ``ct.batch_size``; ``xclass.enabled``). f_base costs ``base.epochs`` passes over D, over
     its sample at N = ``n`` when ``base.max_samples`` (``base_max_samples``) is below ``n``
     (``base_epochs * base_max_samples / n`` passes per sample of D), none when given (``base.checkpoint``).
+    Pretraining epochs are scaled to N = ``n`` by :func:`scaled_pretrain_epochs` when ``pretrain_ref_n`` is set.
 
     Raises:
         ConfigError: list lengths that disagree (rounds = len(pretrain_epochs) = len(iters) =
@@ -58,6 +73,8 @@ def schedule_cost(base_epochs: int, pretrain_epochs: Sequence[int], keep_ratio: 
     if base_epochs < 0 or batch_size < 1 or min([*pretrain_epochs, *iters, 0]) < 0:
         raise ConfigError("epochs and iterations must be >= 0, batch_size >= 1")
     share = [1.0, *[float(r) for r in keep_ratio]]
+    if n:
+        pretrain_epochs = scaled_pretrain_epochs(pretrain_epochs, n, pretrain_ref_n)
     pre = sum(e * s for e, s in zip(pretrain_epochs, share, strict=True))
     fb = 0.0 if fbase_given else float(base_epochs)
     if base_max_samples and n and n > base_max_samples:
@@ -84,11 +101,12 @@ class ScheduleSteps:
 
 def schedule_steps(n: int, base_epochs: int, base_batch: int, pretrain_epochs: Sequence[int], pretrain_batch: int,
                    keep_ratio: Sequence[float], iters: Sequence[int], base_max_samples: int = 0,
-                   fbase_given: bool = False, batch_scale: int = 1) -> ScheduleSteps:
+                   fbase_given: bool = False, batch_scale: int = 1, pretrain_ref_n: int = 0) -> ScheduleSteps:
     """The steps of a schedule at N = ``n`` (config fields as :func:`schedule_cost`, plus ``base.batch_size``
     and ``ct.pretrain_batch_size``): ``epochs * ceil(set / batch)`` per phase, round r >= 1 on
     ``keep_ratio[r - 1] * n`` samples (floors and the reserve's few samples in late pretraining left out).
     ``batch_scale`` (``ct.batch_scale``) multiplies f_base's and pretraining's batches; confusion's stays.
+    ``pretrain_ref_n`` (``ct.pretrain_ref_n``) scales the pretraining epochs (:func:`scaled_pretrain_epochs`).
 
     Raises:
         ConfigError: ``n`` < 1, batch sizes < 1, or list lengths that disagree.
@@ -101,6 +119,7 @@ def schedule_steps(n: int, base_epochs: int, base_batch: int, pretrain_epochs: S
     n_fb = min(n, base_max_samples) if base_max_samples else n
     fb = 0 if fbase_given else base_epochs * -(-n_fb // base_batch)
     share = [1.0, *[float(r) for r in keep_ratio]]
+    pretrain_epochs = scaled_pretrain_epochs(pretrain_epochs, n, pretrain_ref_n)
     pre = sum(e * -(-max(1, round(s * n)) // pretrain_batch) for e, s in zip(pretrain_epochs, share, strict=True))
     return ScheduleSteps(fbase=int(fb), pretrain=int(pre), confusion=int(sum(iters)))
 

@@ -141,6 +141,13 @@ class _Run:
         return len(self.sids)
 
     @property
+    def pretrain_epochs(self) -> list[int]:
+        """Each round's pretraining epochs at this N (``ct.pretrain_ref_n``; the config's when unset)."""
+        from ctray.core.cost import scaled_pretrain_epochs
+
+        return scaled_pretrain_epochs(self.cfg.ct.pretrain_epochs, self.N, self.cfg.ct.pretrain_ref_n)
+
+    @property
     def n_can(self) -> int:
         return self.N - self.n_real
 
@@ -163,6 +170,9 @@ def _detect_locked(cfg: Config, on_round: Callable[[dict[str, Any]], None] | Non
     run.mark("start")
     _read(run)
     run.mark("read")
+    if run.pretrain_epochs != list(cfg.ct.pretrain_epochs):
+        log.info("ct.pretrain_ref_n=%d: pretraining epochs %s at N = %d (given %s for N = %d)", cfg.ct.pretrain_ref_n,
+                 run.pretrain_epochs, run.N, list(cfg.ct.pretrain_epochs), cfg.ct.pretrain_ref_n)
     run.scaling_cfg, run.threads = scaling(cfg)
     _resume(run)
     _supplied_fbase(run)
@@ -564,6 +574,7 @@ def _round(run: _Run, r: int, on_round: Callable[[dict[str, Any]], None] | None)
     d_train, class_counts = _train_set(run, run.keep)
     cfg_d = cfg.to_dict()
     cfg_d["scale"]["torch_threads"] = run.threads
+    cfg_d["ct"]["pretrain_epochs"] = run.pretrain_epochs
     job = {"cfg": cfg_d, "num_classes": C, "round": r, "train_fbase": run.fbase_ckpt is None,
            "fbase_ckpt": run.fbase_ckpt, "prev_base_ckpt": run.prev_ckpt, "keep": run.keep, "ckpt_dir": ckpt,
            "checkpoint_every": every, "checkpoint_seconds": 60.0 * cfg.scale.checkpoint_minutes,
@@ -614,6 +625,7 @@ def _round(run: _Run, r: int, on_round: Callable[[dict[str, Any]], None] | None)
     score_s = time.monotonic() - t2
     info: dict[str, Any] = {"round": r, "train_seconds": round(fit_s, 2), "score_seconds": round(score_s, 2),
                             "n_train_set": int(inner.get("n_dr", 0)), "phase_seconds": inner.get("times", {}),
+                            "phase_steps": inner.get("steps", {}), "pretrain_epochs": run.pretrain_epochs[r],
                             "resumed_from": inner.get("resumed_from")}
     if job["train_fbase"]:  # f_base was trained in this fit: on how many samples (base.max_samples)
         info["fbase_samples"] = int(len(job["fbase_keep"])) if job["fbase_keep"] is not None else N

@@ -597,6 +597,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
     clock = (CheckpointClock(int(every), float(job.get("checkpoint_seconds") or 0), world)
              if every is not None else None)
     times: dict[str, float] = {}
+    steps: dict[str, int] = {}  # optimizer steps of each phase run in this fit (rounds.json phase_steps)
     t0 = time.monotonic()
 
     resume = read_resume(rank)
@@ -770,6 +771,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
                 save(phase, s + 1, model, opt, sched, {"main": src}, gen)
         src.close()
         times[name] = prog.close()
+        steps[name] = total
 
     # ---- f_base: plain training on all of D, with augmentation (its predictions label the confusion batch).
     # "train" mode runs this recipe alone, on D or on the kept subset (retraining on a cleansed set).
@@ -921,5 +923,5 @@ def train_loop_per_worker(job: dict[str, Any]) -> dict[str, Any]:
             cio.write_json(cio.join(job["ckpt_dir"], CKPT_META), meta)
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report({"round": r, "n_dr": n_dr}, checkpoint=ckpt)
-    return {"round": r, "n_dr": n_dr, "times": times, "world": world,
+    return {"round": r, "n_dr": n_dr, "times": times, "steps": steps, "world": world,
             "resumed_from": resume.describe() if resume is not None else None}

@@ -122,6 +122,7 @@ def base0_fields(cfg: Any, train: list[str], clean: list[str]) -> dict[str, Any]
     pre = {k: ct[k] for k in ("arch", "pretrain_lr", "pretrain_momentum", "pretrain_batch_size",
                               "pretrain_weight_decay")}
     pre["pretrain_epochs_0"] = ct["pretrain_epochs"][0]
+    pre["pretrain_ref_n"] = ct.get("pretrain_ref_n", 0)  # with N (the shard sizes): round 0's epochs
     pre["reserve_in_pretrain"] = ct["reserve_in_pretrain_from"] <= 0
     return {**_common_fields(cfg, train, clean), "kind": KIND_BASE0, "pretrain": pre}
 
