@@ -117,8 +117,7 @@ def make_dataset(source: str, out_dir: str, n_train: int | None, n_clean: int | 
         log.info("%s: wrote %d %s samples in %d shards to %s", source, len(order), split,
                  len(shards[split]), out_dir)
     manifest = {"source": source, "seed": seed, "train_slice": train_slice, "num_classes": len(classes),
-                "classes": classes,
-                "image_shape": list(shape), "counts": {s: len(splits[s][1]) for s in SPLITS},
+                "classes": classes, "image_shape": list(shape), "counts": {s: len(splits[s][1]) for s in SPLITS},
                 "shards": shards, "ctray_version": __version__}
     if source == "folder":
         manifest["root"] = os.path.abspath(root or "")
