@@ -454,6 +454,12 @@ def _section_summary(page: _Page, d: _RunData) -> None:
             rows.append(("weak evidence", "<b>" + _e(", ".join(f"class {c.get('class')} (LR {_fmt(c.get('lr'))})" for c in weak))
                          + f"</b>: likelihood ratio under {_fmt(dec.get('weak_lr'))} (decide.weak_lr); "
                          + _e(WEAK_EVIDENCE_NOTE) + "."))
+        vetoed = [c for c in dec.get("classes", []) if c.get("vetoed")]
+        if vetoed:  # decide.corroborate: weak evidence that earlier rounds did not corroborate
+            rows.append(("not corroborated", "<b>" + _e(", ".join(
+                f"class {c.get('class')} (LR {_fmt(c.get('lr'))}, corroboration {_fmt(c.get('corroboration'))})"
+                for c in vetoed)) + f"</b>: passed the likelihood-ratio test on weak evidence, but under "
+                f"{_fmt(dec.get('corroborate'))} (decide.corroborate): not cleansed, nothing flagged in it"))
     groups = d.truth_groups()
     if groups is not None:
         t = d.totals

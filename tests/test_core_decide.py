@@ -15,6 +15,8 @@ from ctray.core.decide import (
     COV_JITTER,
     LOG_LR_CAP,
     Decision,
+    corroborate,
+    corroboration,
     decide,
     flag_samples,
     likelihood_ratio_test,
@@ -333,8 +335,10 @@ def test_decision_to_json_is_plain_and_complete():
     text = json.dumps(doc, allow_nan=False)
     back = json.loads(text)
     assert [row["class"] for row in back["classes"]] == [0, 1, 2, 3]
-    assert set(back["classes"][0]) == {"class", "n", "n_isolated", "lr", "cleansed", "weak"}
+    assert set(back["classes"][0]) == {"class", "n", "n_isolated", "lr", "cleansed", "weak", "corroboration", "vetoed"}
     assert back["threshold_max"] == 1.5 and back["threshold_any"] == 2.0 and back["weak_lr"] == 10.0
+    assert back["corroborate"] == 0.0 and not any(r["vetoed"] for r in back["classes"])
+    assert all(r["corroboration"] is None for r in back["classes"])  # the paper's one-call test has no rounds
     assert back["n_flagged"] == dec.n_flagged == int(dec.flagged.sum())
     assert sum(r["n"] for r in back["classes"]) == x.shape[0]
     assert all(type(r["cleansed"]) is bool and type(r["lr"]) is float for r in doc["classes"])
@@ -370,3 +374,73 @@ def test_weak_classes_marks_cleansed_classes_under_the_bar_only():
         weak_classes(lr, cleansed, float("nan"))
     with pytest.raises(ValueError, match="same shape"):
         weak_classes(lr, cleansed[:2], 10.0)
+
+
+def _rounds_case():
+    """20 samples, 2 classes. Final preds isolate samples 0-3 of class 0 and 10-13 of class 1.
+    Round A fits 0-3 best of all of D (poison-like); round B fits 10-11 best (half of class 1's set)."""
+    labels = np.array([0] * 10 + [1] * 10)
+    preds = np.array([0] * 4 + [1] * 6 + [1] * 4 + [0] * 6)
+    a = np.full(20, 2.0, np.float32)
+    a[:4] = [0.01, 0.02, 0.03, 0.04]
+    b = np.full(20, 2.0, np.float32)
+    b[10:12] = [0.1, 0.2]
+    b[5:7] = [0.05, 0.06]  # two samples outside both isolated sets are fit better still
+    return labels, preds, [a, b]
+
+
+def test_corroboration_is_the_best_round_share_of_the_lowest_losses():
+    labels, preds, rounds = _rounds_case()
+    corr = corroboration(rounds, labels, preds, [0, 1], 2)
+    # class 0: round A's 4 lowest are exactly 0-3 -> 1.0; class 1: round B's 4 lowest are 5, 6, 10, 11 -> 0.5
+    np.testing.assert_allclose(corr, [1.0, 0.5])
+    only0 = corroboration(rounds, labels, preds, [0], 2)
+    assert only0[0] == 1.0 and np.isnan(only0[1])  # classes not asked for stay NaN
+    assert np.isnan(corroboration([], labels, preds, [0], 2)).all()  # no round to compare with
+    none_iso = preds.copy()
+    none_iso[:4] = 1
+    assert np.isnan(corroboration(rounds, labels, none_iso, [0], 2)[0])  # |I_0| = 0
+    # ties at the bar never count more than |I_c|
+    flat = [np.zeros(20, np.float32)]
+    assert corroboration(flat, labels, preds, [0], 2)[0] == 1.0
+
+
+def test_corroboration_validation():
+    labels, preds, rounds = _rounds_case()
+    with pytest.raises(DataError, match=r"round_losses\[1\] must have shape \(20,\)"):
+        corroboration([rounds[0], rounds[1][:5]], labels, preds, [0], 2)
+    with pytest.raises(DataError, match="class 2 out of range"):
+        corroboration(rounds, labels, preds, [2], 2)
+    bad = rounds[0].copy()
+    bad[1] = np.nan
+    with pytest.raises(DataError, match=r"round_losses\[0\] holds non-finite losses in class 0"):
+        corroboration([bad], labels, preds, [0], 2)
+
+
+def test_corroborate_vetoes_weak_uncorroborated_classes_only():
+    cleansed = np.array([True, True, True, False, True])
+    weak = np.array([True, True, False, False, True])
+    corr = np.array([0.12, 0.53, 0.0, 0.0, np.nan])
+    # class 0: weak, 0.12 < 0.4 -> vetoed; 1: weak but corroborated; 2: strong (never vetoed);
+    # 3: not cleansed; 4: weak but not evaluated (NaN) -> kept
+    np.testing.assert_array_equal(corroborate(cleansed, weak, corr, 0.4), [False, True, True, False, True])
+    np.testing.assert_array_equal(corroborate(cleansed, weak, corr, 0.0), cleansed)  # off = the paper
+    with pytest.raises(ConfigError, match=r"decide.corroborate must be in \[0, 1\]"):
+        corroborate(cleansed, weak, corr, 1.5)
+    with pytest.raises(ValueError, match="same shape"):
+        corroborate(cleansed, weak[:2], corr, 0.4)
+
+
+def test_decision_records_corroboration_and_vetoed_classes():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    preds = np.array([0, 0, 1, 1, 0, 2, 2, 0, 2])
+    lr = np.array([2.63, 1.0, 153.0])
+    vetoed = np.array([True, False, False])
+    cleansed = decide(lr) & ~vetoed
+    dec = Decision.from_outcome(lr, cleansed, flag_samples(labels, preds, cleansed), labels, preds, 1.5, 2.0,
+                                corroboration=np.array([0.1, np.nan, np.nan]), vetoed=vetoed, corroborate=0.4)
+    doc = json.loads(json.dumps(dec.to_json(), allow_nan=False))
+    assert doc["corroborate"] == 0.4 and doc["n_flagged"] == 3  # class 2's isolated only
+    assert [r["vetoed"] for r in doc["classes"]] == [True, False, False]
+    assert [r["corroboration"] for r in doc["classes"]] == [0.1, None, None]
+    assert not doc["classes"][0]["cleansed"] and not doc["classes"][0]["weak"]  # vetoed: neither

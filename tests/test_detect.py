@@ -80,6 +80,32 @@ def _check_accounting(out: str, n_expected: int, rounds: int = 6) -> None:
         assert os.path.exists(f"{out}/{f}"), f
 
 
+def _check_decision(out: str) -> dict:
+    """decisions.json agrees with itself and with scores.parquet: weak = cleansed under weak_lr; a vetoed class
+    is not cleansed, was weak and under the corroboration bar; every recorded corroboration equals the one
+    recomputed from the stored per-round losses (all rounds but the last two). Returns decisions.json."""
+    from ctray.core.decide import corroboration
+
+    dec = json.load(open(f"{out}/decisions.json"))
+    sc = pq.read_table(f"{out}/scores.parquet").to_pandas()
+    lab, pred = sc["label"].to_numpy(np.int64), sc["pred"].to_numpy(np.int64)
+    rl = [sc[c].to_numpy() for c in sorted((c for c in sc.columns if c.startswith("round_loss_")),
+                                           key=lambda c: int(c.rsplit("_", 1)[1]))]
+    bar, C = dec["corroborate"], len(dec["classes"])
+    for row in dec["classes"]:
+        c = row["class"]
+        assert row["weak"] == (row["cleansed"] and row["lr"] < dec["weak_lr"]), row
+        if row["vetoed"]:
+            assert not row["cleansed"] and row["lr"] < dec["weak_lr"] and row["corroboration"] < bar, row
+            assert not sc.loc[lab == c, "flagged_by"].astype(str).str.contains("ct").any()
+        if row["weak"] and bar > 0 and len(rl) > 2:
+            assert row["corroboration"] >= bar, row
+        if row["corroboration"] is not None:
+            again = corroboration(rl[:-2], lab, pred, [c], C)[c]
+            assert math.isclose(row["corroboration"], again, abs_tol=1e-12), (row, again)
+    return dec
+
+
 def _corrupt_copy(src: str, dst, keep: int) -> str:
     """Copy a data set with its first ``keep`` train shards and damage it: one undecodable image in the last
     shard kept, plus a non-tar "shard"."""
@@ -115,6 +141,7 @@ def test_detects_badnet(fm_badnet, tmp_path):
     dec = json.load(open(f"{out}/decisions.json"))
     assert dec["weak_lr"] == 10.0 and not dec["classes"][0]["weak"] and 0 not in res.weak_classes  # strong evidence
     assert res.weak_classes == [c["class"] for c in dec["classes"] if c["weak"]]
+    assert _check_decision(out)["corroborate"] == 0.4  # smoke's bar; a strong class is never vetoed
     _check_accounting(out, N_TRAIN)
     assert json.load(open(f"{out}/metrics.json"))["ct"]["tpr"] == m["tpr"]
     rounds = json.load(open(f"{out}/rounds.json"))
@@ -236,6 +263,44 @@ def test_no_attack_flags_almost_nothing(tmp_path, fmnist_available):
     res = detect(_cfg(d, str(tmp_path / "run"), truth=False))
     assert res.n_flagged <= 0.01 * 2000, res.cleansed_classes
     assert res.metrics is None
+    _check_decision(str(tmp_path / "run"))
+
+
+def test_engine_corroboration_counts_all_but_the_last_two_rounds(caplog):
+    """The engine's glue of decide.corroborate (detect._corroborate) on a stand-in run: which rounds count,
+    weak classes only, and no veto (a warning) when fewer than three rounds leave nothing to compare."""
+    from types import SimpleNamespace
+
+    from ctray.engine.detect import _corroborate
+
+    labels = np.array([0] * 10 + [1] * 10)
+    preds = np.array([0] * 4 + [1] * 6 + [1] * 4 + [0] * 6)  # I_0 = 0-3, I_1 = 10-13
+    fit0, fit1, flat = (np.full(20, 2.0, np.float32) for _ in range(3))
+    fit0[:4] = 0.01  # a model that fits I_0 best of D
+    fit1[10:14] = 0.01  # one that fits I_1 best of D
+    flat[:4] = flat[10:14] = 3.0  # one that fits neither set
+    cfg = load_config("smoke")
+    assert cfg.decide.corroborate == 0.4
+    lr = np.array([2.6, 1.9])  # both weak; class 0 the maximum
+    cleansed = np.array([True, False])
+    # rounds 0-1 count (fit0 fits I_0); the last two (fit1, flat) do not, though fit1 fits I_1
+    run = SimpleNamespace(cfg=cfg, C=2, labels=labels, round_losses=[flat, fit0, fit1, flat])
+    corr, vetoed = _corroborate(run, preds, lr, cleansed)
+    assert corr[0] == 1.0 and np.isnan(corr[1]) and not vetoed.any()
+    run.round_losses = [flat, flat, fit0, flat]  # I_0 fit only by a model of the last two rounds
+    with caplog.at_level(logging.WARNING, logger="ctray.engine.detect"):
+        corr, vetoed = _corroborate(run, preds, lr, cleansed)
+    assert corr[0] == 0.0 and vetoed.tolist() == [True, False]
+    assert "class 0 passed the likelihood-ratio test on weak evidence" in caplog.text
+    strong = np.array([1e6, 1.9])
+    assert not _corroborate(run, preds, strong, cleansed)[1].any()  # strong evidence is never vetoed
+    run.round_losses = [fit0, flat]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ctray.engine.detect"):
+        corr, vetoed = _corroborate(run, preds, lr, cleansed)
+    assert not vetoed.any() and np.isnan(corr).all() and "leave no earlier round" in caplog.text
+    cfg.decide.corroborate = 0.0  # off: the paper's decision, nothing computed
+    assert _corroborate(run, preds, lr, cleansed)[0] is None
 
 
 QUICK = {"ct.iters": [60] * 6, "ct.pretrain_epochs": [1] * 6, "base.epochs": 1, "base.milestones": [1]}

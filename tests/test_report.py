@@ -59,9 +59,11 @@ def _make_run(root, *, full: bool = True, truth: bool = True, n_per_shard: int =
     (run_dir / "run.json").write_text(json.dumps(run))
     if full:
         dec = {"classes": [{"class": 0, "n": 14, "n_isolated": 6, "lr": 3.25, "cleansed": True, "weak": True},
-                           {"class": 1, "n": 13, "n_isolated": 2, "lr": 1.1, "cleansed": False, "weak": False},
+                           {"class": 1, "n": 13, "n_isolated": 2, "lr": 2.84, "cleansed": False, "weak": False,
+                            "corroboration": 0.12, "vetoed": True},
                            {"class": 2, "n": 13, "n_isolated": 1, "lr": 1.0, "cleansed": False, "weak": False}],
-               "threshold_max": 1.5, "threshold_any": 2.0, "weak_lr": 10.0, "n_flagged": int(flagged.sum())}
+               "threshold_max": 1.5, "threshold_any": 2.0, "weak_lr": 10.0, "corroborate": 0.4,
+               "n_flagged": int(flagged.sum())}
         (run_dir / "decisions.json").write_text(json.dumps(dec))
         rr = [{"round": r, "kept": n // (2 ** (r + 1)) if r < rounds - 1 else None,
                "kept_poison": 4 if r < rounds - 1 else None, "seconds": 10.0 + r} for r in range(rounds)]
@@ -95,6 +97,8 @@ def test_full_report(tmp_path) -> None:
     assert re.search(r'alt="train-000000\.tar / odd&lt;key&gt;&amp;1" src="data:image/png;base64,', page)
     assert "&gt; 1.5" in page and "&gt; 2" in page
     assert "<b>class 0 (LR 3.25)</b>: likelihood ratio under 10 (decide.weak_lr)" in page  # decisions.json's "weak" class
+    # decide.corroborate's veto is shown with its value and bar
+    assert "<b>class 1 (LR 2.84, corroboration 0.12)</b>: passed the likelihood-ratio test on weak evidence, but under 0.4" in page
     assert "bad&lt;1&gt;" in page and "broken &lt;data&gt;" in page
     assert "0.909" in page  # metrics table
     assert "http://" not in page and "https://" not in page and "<script" not in page

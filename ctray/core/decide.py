@@ -13,7 +13,8 @@ reach the driver), the given labels and the confused model's argmax predictions.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,8 @@ from ctray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Decision", "decide", "flag_samples", "likelihood_ratio_test", "likelihood_ratios", "weak_classes",
-           "WEAK_EVIDENCE_NOTE"]
+__all__ = ["Decision", "corroborate", "corroboration", "decide", "flag_samples", "likelihood_ratio_test",
+           "likelihood_ratios", "weak_classes", "WEAK_EVIDENCE_NOTE"]
 
 #: Added to EVERY entry of each fitted 2x2 covariance (the reference's "avoid singularity" term).
 COV_JITTER = 0.001
@@ -193,6 +194,95 @@ def decide(lr: np.ndarray, threshold_max: float = 1.5, threshold_any: float = 2.
     return ((arr == arr.max()) & (arr > t_max)) | (arr > t_any)
 
 
+def corroboration(round_losses: Sequence[np.ndarray], labels: np.ndarray, preds: np.ndarray,
+                  classes: Iterable[int], num_classes: int) -> np.ndarray:
+    """How strongly earlier CT rounds agree that class c's isolated set is what D's models fit best.
+
+    For each class c in ``classes``, with ``I_c`` = samples labelled c that the final confused model
+    predicts as c and ``m = |I_c|``: in each given round r, the share of ``I_c`` among the ``m``
+    lowest-loss samples of all of D under round r's model; the value is the largest share over the
+    rounds. In [0, 1]; higher = the isolated samples were the easiest thing in D for an earlier model, as
+    poison is (CT's premise: the backdoor is fit before and through the confusion). A benign
+    sub-cluster that only the last distilled sets come to fit scores near 0 in the early rounds.
+
+    Memory: one float32 copy of a round's losses at a time (``np.partition``), no per-sample index array.
+
+    Args:
+        round_losses: per round, float (N,) the round model's per-sample loss on D w.r.t. the given labels
+            (lower = better fit); pass the rounds to count (ctray passes all but the last two: those models
+            train on the last distilled sets, which the isolated samples fill by construction).
+        labels: int (N,) given labels in ``[0, num_classes)``.
+        preds: int (N,) final confused model's argmax.
+        classes: the class ids to evaluate (e.g. the weakly cleansed ones).
+        num_classes: C >= 1.
+
+    Returns:
+        float64 (C,): the value for each evaluated class with ``|I_c| >= 1`` and at least one round; NaN
+        elsewhere (not evaluated, or nothing to compare).
+
+    Raises:
+        DataError: shapes disagree, labels out of range, a class id out of range, non-finite losses.
+    """
+    lab = check_labels(labels, num_classes)
+    pr = _check_preds(preds, lab.size)
+    out = np.full(num_classes, np.nan)
+    losses = [np.asarray(rl) for rl in round_losses]
+    for i, rl in enumerate(losses):
+        if rl.ndim != 1 or rl.shape[0] != lab.size:
+            raise DataError(f"round_losses[{i}] must have shape ({lab.size},), got {rl.shape}")
+    iso = pr == lab
+    for c in classes:
+        c = int(c)
+        if not 0 <= c < num_classes:
+            raise DataError(f"class {c} out of range [0, {num_classes})")
+        mask = iso & (lab == c)
+        m = int(mask.sum())
+        if m == 0 or not losses:
+            continue
+        best = 0.0
+        for i, rl in enumerate(losses):
+            sel = rl[mask]
+            if not np.isfinite(sel).all():
+                raise DataError(f"round_losses[{i}] holds non-finite losses in class {c}")
+            # the m-th smallest loss over D; ties at the bar are counted but capped at m
+            bar = np.partition(rl.astype(np.float32, copy=True), m - 1)[m - 1]
+            best = max(best, min(int(np.count_nonzero(sel <= bar)), m) / m)
+        out[c] = best
+    return out
+
+
+def corroborate(cleansed: np.ndarray, weak: np.ndarray, corr: np.ndarray, bar: float) -> np.ndarray:
+    """Classes that stay cleansed: weakly cleansed ones need ``corr >= bar`` (NaN counts as corroborated).
+
+    The paper's test cleanses on the likelihood ratio alone. ctray's presets add this check for the
+    weak-evidence band only (``lr < decide.weak_lr``): measured on Fashion-MNIST runs (docs/results.md,
+    "Corroborating weak evidence"), benign classes cleansed with weak evidence had corroboration
+    <= 0.27 and the detected poison with weak evidence 0.53 and 0.95. A class with strong evidence is
+    never vetoed.
+
+    Args:
+        cleansed: bool (C,) the likelihood-ratio decision.
+        weak: bool (C,) cleansed classes with weak evidence (:func:`weak_classes`).
+        corr: float (C,) from :func:`corroboration` (NaN = not evaluated: kept).
+        bar: in [0, 1]; 0 keeps every class (the paper).
+
+    Returns:
+        bool (C,).
+
+    Raises:
+        ConfigError: ``bar`` outside [0, 1].
+    """
+    b = _check_threshold("corroborate", bar)
+    if not 0.0 <= b <= 1.0:
+        raise ConfigError(f"decide.corroborate must be in [0, 1], got {bar!r}")
+    cl, wk, cr = np.asarray(cleansed, bool), np.asarray(weak, bool), np.asarray(corr, np.float64)
+    if not cl.shape == wk.shape == cr.shape:
+        raise ValueError(f"cleansed {cl.shape}, weak {wk.shape} and corr {cr.shape} must have the same shape")
+    with np.errstate(invalid="ignore"):
+        veto = wk & (cr < b)  # NaN < b is False: not evaluated = not vetoed
+    return cl & ~veto
+
+
 def flag_samples(labels: np.ndarray, preds: np.ndarray, cleansed: np.ndarray) -> np.ndarray:
     """Per-sample poison flags: the sample's class is cleansed AND the confused model predicts its label.
 
@@ -229,6 +319,10 @@ class Decision:
         threshold_max: the max-class threshold used.
         threshold_any: the any-class threshold used.
         weak_lr: the weak-evidence bar used (0 marks nothing).
+        corroboration: float64 (C,) from :func:`corroboration` (NaN = not evaluated), or None.
+        vetoed: bool (C,) classes the likelihood-ratio test cleansed with weak evidence that the
+            corroboration check left uncleansed (all False without the check).
+        corroborate: the corroboration bar used (0 = off, the paper).
     """
 
     lr: np.ndarray
@@ -240,11 +334,15 @@ class Decision:
     threshold_max: float
     threshold_any: float
     weak_lr: float
+    corroboration: np.ndarray | None = None
+    vetoed: np.ndarray | None = field(default=None)
+    corroborate: float = 0.0
 
     @classmethod
     def from_outcome(cls, lr: np.ndarray, cleansed: np.ndarray, flagged: np.ndarray, labels: np.ndarray,
                      preds: np.ndarray, threshold_max: float, threshold_any: float,
-                     weak_lr: float = 10.0) -> Decision:
+                     weak_lr: float = 10.0, corroboration: np.ndarray | None = None,
+                     vetoed: np.ndarray | None = None, corroborate: float = 0.0) -> Decision:
         """Assemble a decision from its parts, counting class sizes over the given samples.
 
         The engine calls this with its real samples only (canaries excluded), so ``n`` and
@@ -259,6 +357,7 @@ class Decision:
             preds: int (N,) confused-model argmax.
             threshold_max, threshold_any: the bars used (recorded, not re-applied).
             weak_lr: the weak-evidence bar (>= 0).
+            corroboration, vetoed, corroborate: the corroboration check's values (see :func:`corroborate`).
 
         Raises:
             DataError: shapes disagree or labels out of range.
@@ -275,7 +374,10 @@ class Decision:
                    n_isolated=np.bincount(lab[pr == lab], minlength=c).astype(np.int64),
                    threshold_max=_check_threshold("threshold_max", threshold_max),
                    threshold_any=_check_threshold("threshold_any", threshold_any),
-                   weak_lr=_check_threshold("weak_lr", weak_lr))
+                   weak_lr=_check_threshold("weak_lr", weak_lr),
+                   corroboration=None if corroboration is None else np.asarray(corroboration, np.float64),
+                   vetoed=np.zeros(c, bool) if vetoed is None else np.asarray(vetoed, bool),
+                   corroborate=_check_threshold("corroborate", corroborate))
 
     @property
     def n_flagged(self) -> int:
@@ -286,12 +388,20 @@ class Decision:
         """JSON-ready dict for ``decisions.json`` (plain Python ints/floats/bools, no NaN)."""
         classes = [
             {"class": c, "n": int(self.n[c]), "n_isolated": int(self.n_isolated[c]),
-             "lr": float(self.lr[c]), "cleansed": bool(self.cleansed[c]), "weak": bool(self.weak[c])}
+             "lr": float(self.lr[c]), "cleansed": bool(self.cleansed[c]), "weak": bool(self.weak[c]),
+             "corroboration": _finite_or_none(self.corroboration, c),
+             "vetoed": bool(self.vetoed[c]) if self.vetoed is not None else False}
             for c in range(self.lr.size)
         ]
         return {"classes": classes, "threshold_max": float(self.threshold_max),
                 "threshold_any": float(self.threshold_any), "weak_lr": float(self.weak_lr),
-                "n_flagged": self.n_flagged}
+                "corroborate": float(self.corroborate), "n_flagged": self.n_flagged}
+
+
+def _finite_or_none(arr: np.ndarray | None, i: int) -> float | None:
+    if arr is None or not np.isfinite(arr[i]):
+        return None
+    return float(arr[i])
 
 
 def likelihood_ratio_test(proj: np.ndarray, labels: np.ndarray, preds: np.ndarray, num_classes: int,

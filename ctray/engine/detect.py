@@ -666,6 +666,40 @@ def _round(run: _Run, r: int, on_round: Callable[[dict[str, Any]], None] | None)
                   "poison_kept_share": _share(info.get("kept_poison", 0), n_poison)})
 
 
+def _corroborate(run: _Run, preds: np.ndarray, lr: np.ndarray, cleansed: np.ndarray
+                 ) -> tuple[np.ndarray | None, np.ndarray]:
+    """decide.corroborate: weakly cleansed classes that earlier rounds do not corroborate are not cleansed.
+
+    Returns the per-class corroboration (NaN where not evaluated; None when the check is off) and the
+    vetoed classes. Counted rounds: all but the last two (their models train on the last distilled sets,
+    which the isolated samples fill by construction); with fewer than three rounds nothing is vetoed.
+    """
+    from ctray.core.decide import corroborate, corroboration, weak_classes
+
+    cfg, C = run.cfg, run.C
+    bar = cfg.decide.corroborate
+    if bar <= 0:
+        return None, np.zeros(C, bool)
+    weak = weak_classes(lr, cleansed, cfg.decide.weak_lr)
+    rounds = run.round_losses[:max(len(run.round_losses) - 2, 0)]
+    if not rounds:
+        if weak.any():
+            log.warning("decide.corroborate: %d rounds leave no earlier round to corroborate weak classes %s; "
+                        "kept cleansed", len(run.round_losses), np.flatnonzero(weak).tolist())
+        return np.full(C, np.nan), np.zeros(C, bool)
+    corr = corroboration(rounds, run.labels, preds, np.flatnonzero(weak), C)
+    vetoed = cleansed & ~corroborate(cleansed, weak, corr, bar)
+    for c in np.flatnonzero(weak):
+        if vetoed[c]:
+            log.warning("class %d passed the likelihood-ratio test on weak evidence (LR %.3g) but earlier rounds do "
+                        "not corroborate it (%.2f < decide.corroborate %g): not cleansed (decisions.json)",
+                        c, lr[c], corr[c], bar)
+        else:
+            log.info("class %d: weak evidence (LR %.3g) corroborated by earlier rounds (%.2f >= %g)",
+                     c, lr[c], corr[c], bar)
+    return corr, vetoed
+
+
 @dataclass
 class _Outcome:
     """The final decision over the driver's arrays (canaries included; outputs use the first n_real)."""
@@ -688,14 +722,18 @@ def _decide(run: _Run) -> _Outcome:
         flagged = np.zeros(N, bool)
         flagged[np.argsort(run.round_losses[-1], kind="stable")[:int(N * cfg.decide.flag_budget)]] = True
         lr, cleansed = np.ones(C), np.zeros(C, bool)
+        corr, vetoed = None, np.zeros(C, bool)
     else:
         P2 = np.stack([run.final_scores["proj_x"], run.final_scores["proj_y"]], 1)  # float32 (N, 2)
         lr = likelihood_ratios(P2, run.labels, preds, C)
         del P2
         cleansed = decide(lr, cfg.decide.threshold_max, cfg.decide.threshold_any)
+        corr, vetoed = _corroborate(run, preds, lr, cleansed)
+        cleansed = cleansed & ~vetoed
         flagged = flag_samples(run.labels, preds, cleansed)
     dec = Decision.from_outcome(lr, cleansed, flagged[:n], run.labels[:n], preds[:n], cfg.decide.threshold_max,
-                                cfg.decide.threshold_any, cfg.decide.weak_lr)
+                                cfg.decide.threshold_any, cfg.decide.weak_lr, corroboration=corr, vetoed=vetoed,
+                                corroborate=cfg.decide.corroborate)
     log.info("decision: cleansed classes %s, flagged %d of %d", np.flatnonzero(cleansed).tolist(),
              int(flagged[:n].sum()), n)
     for c in np.flatnonzero(dec.weak):
