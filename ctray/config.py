@@ -869,10 +869,16 @@ def load_config(preset: str | None = None, overrides: dict[str, Any] | None = No
     return cfg.validate()
 
 
+#: above this many samples a CPU run of small images gets ``fast`` (= ``small`` up to its ct.pretrain_ref_n)
+FAST_FROM = 10_000
+
+
 def auto_preset(image_size: int, num_classes: int, n_samples: int, use_gpu: bool) -> tuple[str, str]:
     """Pick a preset from the data; returns ``(name, reason)``.
 
-    - <= 32 px without a GPU: ``small`` (the CT shape with CPU-sized epochs/iterations);
+    - <= 32 px without a GPU: ``small`` (the CT shape with CPU-sized epochs/iterations) up to 10,000
+      samples, ``fast`` above (``small`` whose pretraining keeps a 10k run's steps: its passes over D fall
+      as N grows; measured at 50k in docs/results.md);
     - <= 32 px with a GPU: ``reference-cifar`` (the paper's schedule);
     - larger images or > 200 classes: ``imagenet64`` (narrow ResNet on 64 px, 5 rounds).
     Tiny sets (< 2,000 samples) get ``smoke`` since floors of n_c/50 round to 0 there.
@@ -883,4 +889,6 @@ def auto_preset(image_size: int, num_classes: int, n_samples: int, use_gpu: bool
         return "imagenet64", f"image size {image_size} px / {num_classes} classes"
     if use_gpu:
         return "reference-cifar", f"{image_size} px, GPU available"
+    if n_samples > FAST_FROM:
+        return "fast", f"{image_size} px on CPU, {n_samples} samples > {FAST_FROM}"
     return "small", f"{image_size} px on CPU"

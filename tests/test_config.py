@@ -147,6 +147,10 @@ def test_config_file_roundtrip(tmp_path):
 
 def test_auto_preset():
     assert auto_preset(28, 10, 10000, False)[0] == "small"
+    assert auto_preset(28, 10, 10001, False) == ("fast", "28 px on CPU, 10001 samples > 10000")
+    assert auto_preset(32, 10, 10001, True)[0] == "reference-cifar"  # a GPU runs the paper's schedule
+    # fast is small up to the N its pretraining epochs are given for: the switch costs nothing below it
+    assert load_config("fast").ct.pretrain_ref_n == 10000
     assert auto_preset(32, 10, 50000, True)[0] == "reference-cifar"
     assert auto_preset(64, 1000, 1_000_000, True)[0] == "imagenet64"
     assert auto_preset(28, 10, 500, False)[0] == "smoke"
