@@ -167,6 +167,9 @@ def _print_result(res: object, as_json: bool = False) -> None:
     line += ")"
     if res.weak_classes:
         line += f"; weak evidence for classes {res.weak_classes} (likelihood ratio < decide.weak_lr: inspect)"
+    if res.vetoed_classes:
+        line += (f"; not cleansed: classes {res.vetoed_classes} (weak evidence that earlier rounds do not "
+                 "corroborate: decide.corroborate)")
     print(line)
     if res.metrics:
         for name, m in (("decision", res.decision_metrics), ("CT alone", res.metrics["ct"] if x else None)):

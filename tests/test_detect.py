@@ -263,7 +263,8 @@ def test_no_attack_flags_almost_nothing(tmp_path, fmnist_available):
     res = detect(_cfg(d, str(tmp_path / "run"), truth=False))
     assert res.n_flagged <= 0.01 * 2000, res.cleansed_classes
     assert res.metrics is None
-    _check_decision(str(tmp_path / "run"))
+    dec = _check_decision(str(tmp_path / "run"))
+    assert res.vetoed_classes == [c["class"] for c in dec["classes"] if c["vetoed"]]
 
 
 def test_engine_corroboration_counts_all_but_the_last_two_rounds(caplog):

@@ -883,7 +883,8 @@ def _write_outputs(run: _Run, o: _Outcome) -> tuple[DetectResult, dict[str, Any]
     return DetectResult(run_dir=out, n_read=ident.n_read, n_usable=n, n_quarantined=ident.n_quarantined,
                         n_flagged=int(len(fl)), flagged_keys=[names[int(x)][:2] for x in run.sids[fl]],
                         cleansed_classes=np.flatnonzero(o.cleansed).tolist(),
-                        weak_classes=np.flatnonzero(o.decision.weak).tolist(), metrics=metrics, seconds=secs,
+                        weak_classes=np.flatnonzero(o.decision.weak).tolist(),
+                        vetoed_classes=np.flatnonzero(o.decision.vetoed).tolist(), metrics=metrics, seconds=secs,
                         canary=o.canary, xclass=xdec.to_json() if xdec is not None else None), final_info
 
 

@@ -45,7 +45,9 @@ class DetectResult:
         run_dir: the run directory (local path or URI).
         n_read, n_usable, n_quarantined, n_flagged: sample counts (``n_read = n_usable + n_quarantined``).
         flagged_keys: ``(shard, key)`` of every flagged sample.
-        cleansed_classes: classes CT decided hold poison; weak_classes: those cleansed on weak evidence.
+        cleansed_classes: classes CT decided hold poison; weak_classes: those cleansed on weak evidence;
+            vetoed_classes: weak evidence that earlier rounds did not corroborate (``decide.corroborate``):
+            not cleansed.
         metrics: detection metrics against ground truth (None without ``io.truth``): ``ct`` (CT's own
             flags), with the cross-class detector on also ``xclass`` (its flags alone) and ``combined``
             (the run's decision, ``flagged``); :attr:`decision_metrics` is the decision's.
@@ -65,6 +67,7 @@ class DetectResult:
     # the cross-class detector's test (decisions.json "xclass"; ctray.core.xclass.XClassDecision), None when off
     xclass: dict[str, Any] | None = None
     weak_classes: list[int] = field(default_factory=list)  # cleansed with LR < decide.weak_lr
+    vetoed_classes: list[int] = field(default_factory=list)  # weak, not corroborated: not cleansed
 
     @property
     def decision_metrics(self) -> dict[str, Any] | None:
@@ -138,4 +141,5 @@ def open_run(run_dir: str) -> DetectResult:
         flagged_keys=list(zip(fl.column("shard").to_pylist(), fl.column("key").to_pylist(), strict=True)),
         cleansed_classes=[int(c["class"]) for c in dec.get("classes", []) if c.get("cleansed")], metrics=metrics,
         seconds=dict(run.get("seconds", {})), canary=canary, xclass=dec.get("xclass"),
-        weak_classes=[int(c["class"]) for c in dec.get("classes", []) if c.get("weak")])
+        weak_classes=[int(c["class"]) for c in dec.get("classes", []) if c.get("weak")],
+        vetoed_classes=[int(c["class"]) for c in dec.get("classes", []) if c.get("vetoed")])
