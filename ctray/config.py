@@ -173,9 +173,10 @@ class DecideConfig:
     threshold_any: float = 2.0  # any class is cleansed above this
     flag_budget: float = 0.0  # Ember variant: >0 flags the lowest-loss fraction instead of the LRT
     # a cleansed class whose LR is below this is reported as weak evidence (a warning, "weak" in
-    # decisions.json, the report); it never changes the decision. Measured on Fashion-MNIST 10k
-    # (README "Detection per attack"): detected attacks' target classes had LR 153 to 1e111; benign
-    # classes cleansed when the attack escaped had 1.62-2.63; the largest on clean data was 1.33
+    # decisions.json, the report); on its own it never changes the decision (decide.corroborate can).
+    # Measured on Fashion-MNIST 10k (docs/results.md "Detection per attack"): detected attacks' target
+    # classes had LR 153 to 1e111; benign classes cleansed when the attack escaped had 1.62-2.63; the
+    # largest on clean data was 1.33 (at 50k: 1.83-2.84, and a detected blend target 7.06)
     weak_lr: float = 10.0
     # Corroboration of weak evidence (not in the paper; 0 = off, the paper's decision): a class cleansed with
     # LR < weak_lr stays cleansed only if, under some earlier round's model (all rounds but the last two),
