@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -205,7 +205,7 @@ def corroboration(round_losses: Sequence[np.ndarray], labels: np.ndarray, preds:
     poison is (CT's premise: the backdoor is fit before and through the confusion). A benign
     sub-cluster that only the last distilled sets come to fit scores near 0 in the early rounds.
 
-    Memory: one float32 copy of a round's losses at a time (``np.partition``), no per-sample index array.
+    Memory: one copy of a round's losses at a time (``np.partition``), no per-sample index array.
 
     Args:
         round_losses: per round, float (N,) the round model's per-sample loss on D w.r.t. the given labels
@@ -245,7 +245,7 @@ def corroboration(round_losses: Sequence[np.ndarray], labels: np.ndarray, preds:
             if not np.isfinite(sel).all():
                 raise DataError(f"round_losses[{i}] holds non-finite losses in class {c}")
             # the m-th smallest loss over D; ties at the bar are counted but capped at m
-            bar = np.partition(rl.astype(np.float32, copy=True), m - 1)[m - 1]
+            bar = np.partition(rl, m - 1)[m - 1]  # np.partition returns a partitioned copy
             best = max(best, min(int(np.count_nonzero(sel <= bar)), m) / m)
         out[c] = best
     return out
@@ -335,7 +335,7 @@ class Decision:
     threshold_any: float
     weak_lr: float
     corroboration: np.ndarray | None = None
-    vetoed: np.ndarray | None = field(default=None)
+    vetoed: np.ndarray | None = None
     corroborate: float = 0.0
 
     @classmethod
