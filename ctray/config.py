@@ -467,12 +467,18 @@ class XClassConfig:
     whose loss exceeds the trusted reserve's ``loss_quantile`` are suspects; the Fisher direction of their
     activation features against all of D's scores every sample; a sample above both the loss and the
     reserve's ``score_quantile`` of that score is flagged when D holds significantly more such samples than
-    the reserve predicts (binomial test at ``alpha``). Four forward passes of f_base (two over R, two over D)."""
+    the reserve predicts (a one-sided test at ``alpha``). Four forward passes of f_base (two over R, two over D)."""
 
     enabled: bool = True  # off in the faithful presets (reference-cifar, imagenet64) and in smoke
     loss_quantile: float = 0.95
     score_quantile: float = 0.99
-    alpha: float = 1e-3
+    # "predictive": the clean crossing rate is drawn from its posterior given the reserve (beta-binomial);
+    # "plug-in": the reserve's estimate taken as known (binomial), the first design, which fires on clean
+    # data as D grows (ctray.core.xclass's docstring, docs/results.md)
+    test: str = "predictive"
+    # 0.01 with the predictive test: its p-value is bounded below by the reserve (1,000 samples, 2 clean
+    # crossings: about 0.003 at any N for 1% spread poison), so 0.001 would leave it blind at that rate
+    alpha: float = 1e-2
     # < 1: the score threshold rises from score_quantile past the reserve's own crossings until the
     # crossings expected from clean data are at most this share of D's (an estimated false discovery
     # rate); 1 = off. Measured at 0.2 on the grid's models (docs/results.md): trojan's and badnet's added
@@ -685,6 +691,8 @@ def _validate_defenses(cfg: Config) -> None:
         (0 < cfg.xclass.loss_quantile < 1 and 0 < cfg.xclass.score_quantile < 1 and 0 < cfg.xclass.alpha < 1,
          "xclass.loss_quantile, score_quantile and alpha must lie in (0, 1)"),
         (0 < cfg.xclass.fdr <= 1, f"xclass.fdr must lie in (0, 1], got {cfg.xclass.fdr}"),
+        (cfg.xclass.test in ("predictive", "plug-in"),
+         f"xclass.test must be predictive or plug-in, got {cfg.xclass.test!r}"),
         (cfg.xclass.ridge >= 0 and cfg.xclass.max_dims >= 1, "xclass.ridge must be >= 0 and xclass.max_dims >= 1"),
     ]
     for aug, name in ((r.augment, "repair.augment"), (c.augment, "cleanse.augment")):

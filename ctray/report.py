@@ -444,8 +444,9 @@ def _section_summary(page: _Page, d: _RunData) -> None:
         if isinstance(x, dict):  # the cross-class detector's test (ctray.core.xclass); flagged_by in scores.parquet
             verdict = (f"<b>{_fmt(x.get('k'))} samples flagged</b>" if x.get("attack") else "nothing flagged")
             rows.append(("cross-class detector", f"{verdict}: {_fmt(x.get('k'))} of {_fmt(x.get('n'))} samples above "
-                         f"both thresholds where the reserve predicts {_fmt(x.get('expected'))} (p = "
-                         f"{_fmt(x.get('p_value'))}, alpha {_fmt(x.get('alpha'))}); column flagged_by says which "
+                         f"both thresholds where the reserve ({_fmt(x.get('k_ref'))} of {_fmt(x.get('n_ref'))} "
+                         f"above them) predicts {_fmt(x.get('expected'))} ({_e(str(x.get('test', 'plug-in')))} "
+                         f"test, p = {_fmt(x.get('p_value'))}, alpha {_fmt(x.get('alpha'))}); column flagged_by says which "
                          "evidence flagged each sample"))
         weak = [c for c in dec.get("classes", []) if c.get("weak")]
         if weak:

@@ -126,6 +126,7 @@ def test_overrides_types_and_indices():
     ("repair.kd_t=0", "repair.kd_t > 0"),
     ("ct.arch=vgg", "not a model"),
     ("ct.lam.9=1", "out of range"),
+    ("xclass.test=fisher", "xclass.test must be predictive or plug-in"),
 ])
 def test_bad_overrides_name_the_field(item, match):
     with pytest.raises(ConfigError, match=match):

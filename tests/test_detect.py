@@ -158,6 +158,8 @@ def test_detects_badnet(fm_badnet, tmp_path):
     assert (sc["flagged"] == (sc["flagged_by"].astype(str) != "")).all() and int(sc["flagged"].sum()) == res.n_flagged
     x = res.xclass
     assert x is not None and dec["xclass"] == x and x["n"] == N_TRAIN and x["n_ref"] == 500
+    assert x["test"] == "predictive" and x["alpha"] == 0.01  # the defaults, named in the report
+    assert "predictive test" in open(f"{out}/report.html").read()
     ct_only = sc["flagged_by"].astype(str).isin(["ct", "ct+xclass"])
     assert int(ct_only.sum()) == res.metrics["ct"]["n_flagged"]
     comb = res.metrics["combined"]

@@ -19,8 +19,22 @@ trigger). This detector looks for exactly that, in three steps, each mergeable o
    crossings where the reserve predicted 8).
 3. **A test, then the flags.** ``tau_score`` = the ``q_score`` quantile of R's scores; a sample is flagged
    when ``loss > tau_loss`` and ``s > tau_score``. R tells how often a clean sample crosses both
-   (``k_ref`` of ``n_ref``); the flags stand only when D holds significantly more (one-sided binomial test at
-   ``alpha`` against the rate ``(k_ref + 1) / (n_ref + 1)``); otherwise nothing is flagged.
+   (``k_ref`` of ``n_ref``); the flags stand only when D holds significantly more (a one-sided test at
+   ``alpha``); otherwise nothing is flagged.
+
+**The test must carry the reserve's uncertainty.** ``k_ref`` is a handful of crossings (1-7 of 1,000 in
+every measured run), so the clean rate it estimates is uncertain by a factor of about two, and that does
+not shrink as D grows. A binomial test against the point estimate ``(k_ref + 1) / (n_ref + 1)`` (the
+``plug-in`` test, the first design) treats the rate as known: its power grows with ``n`` while its error
+does not, so on large D it fires on clean data whose crossing rate is a little above the reserve's
+estimate. Measured on 29 stored runs (docs/results.md): at alpha 0.001 it fired in 10, 3 of them with no
+poison among the flags (23-208 clean samples flagged), 6 adding 12-148 clean samples to poison CT had
+already caught. The default ``predictive`` test draws the clean rate from its posterior given the
+reserve (Beta(k_ref + 1, n_ref - k_ref + 1), the same uniform prior whose mean the plug-in uses) and
+takes ``P(K >= k)`` under the resulting beta-binomial; it agrees with Fisher's exact test on the 2x2
+table to 2 digits in every measured case. Its power is bounded by the reserve, not by D: with 1,000
+reserve samples and ``k_ref`` = 2, D's rate must be about 1% before ``p`` falls under 0.01, at any N; a
+larger trusted reserve is what raises it.
 
 Measured (docs/results.md, Fashion-MNIST 10k): all-to-all and untargeted badnet at 1% TPR 0.92-0.97 at FPR
 0.1%, and no attack 0 flagged.
@@ -33,7 +47,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import binom
+from scipy.stats import betabinom, binom
 
 from ctray.core.pca import FeatureMoments
 from ctray.errors import ConfigError, DataError
@@ -119,8 +133,8 @@ class XClassDecision:
 
     ``tau_loss`` / ``tau_score``: the reserve's quantiles; ``n`` / ``k``: samples of D scored / crossing
     both; ``n_ref`` / ``k_ref``: the same on the reserve; ``expected``: k under the reserve's rate;
-    ``p_value``: P(K >= k) for K ~ Binomial(n, (k_ref + 1) / (n_ref + 1)); ``attack``: p_value < alpha, when
-    the k samples are flagged (else none); ``n_suspects``: samples of D above ``tau_loss``.
+    ``p_value``: P(K >= k) under ``test`` (:func:`decide_xclass`); ``attack``: p_value < alpha, when the k
+    samples are flagged (else none); ``n_suspects``: samples of D above ``tau_loss``.
     """
 
     tau_loss: float
@@ -137,31 +151,55 @@ class XClassDecision:
     tau_base: float = float("nan")  # the reserve's score quantile the threshold search starts from
     est_fdr: float = float("nan")  # expected / k at the chosen threshold
     fdr: float = 1.0
+    test: str = "predictive"
 
     def to_json(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
+#: the tests :func:`decide_xclass` knows (``xclass.test``)
+TESTS = ("predictive", "plug-in")
+
+
+def xclass_p_value(k: int, n: int, k_ref: int, n_ref: int, test: str = "predictive") -> float:
+    """One-sided p-value of ``k`` of ``n`` crossings in D against ``k_ref`` of ``n_ref`` in the reserve.
+
+    ``predictive``: P(K >= k) for K ~ BetaBinomial(n, k_ref + 1, n_ref - k_ref + 1), i.e. the clean rate
+    drawn from its posterior given the reserve under a uniform prior (module docstring: the reserve's
+    uncertainty is the dominant one once n >> n_ref). ``plug-in``: P(K >= k) for K ~ Binomial(n,
+    (k_ref + 1) / (n_ref + 1)), the rate taken as known (the first design, anti-conservative on large D).
+    Range (0, 1]; 1 when ``k`` = 0. Raises ConfigError on an unknown ``test``."""
+    if test not in TESTS:
+        raise ConfigError(f"xclass.test must be one of {', '.join(TESTS)}, got {test!r}")
+    if k <= 0:
+        return 1.0
+    if test == "plug-in":
+        return float(binom.sf(k - 1, n, (k_ref + 1) / (n_ref + 1)))
+    return float(betabinom.sf(k - 1, n, k_ref + 1, n_ref - k_ref + 1))
+
+
 def decide_xclass(k: int, n: int, k_ref: int, n_ref: int, alpha: float, tau_loss: float, tau_score: float,
-                  n_suspects: int) -> XClassDecision:
+                  n_suspects: int, test: str = "predictive") -> XClassDecision:
     """Whether ``k`` of ``n`` samples of D crossing both thresholds is more than clean data explains.
 
-    ``k_ref`` of ``n_ref`` reserve samples cross them; the rate ``(k_ref + 1) / (n_ref + 1)`` (one added
-    crossing: a reserve that never crosses still allows some) gives the one-sided binomial p-value.
-    Raises ConfigError when ``alpha`` is not in (0, 1) and DataError on counts out of range."""
+    ``k_ref`` of ``n_ref`` reserve samples cross them; ``expected`` = n (k_ref + 1) / (n_ref + 1) (one added
+    crossing: a reserve that never crosses still allows some); the p-value is :func:`xclass_p_value`'s.
+    Raises ConfigError when ``alpha`` is not in (0, 1) or ``test`` is unknown, and DataError on counts out of
+    range."""
     if not 0 < alpha < 1:
         raise ConfigError(f"xclass.alpha must be in (0, 1), got {alpha}")
     if not (0 <= k <= n and 0 <= k_ref <= n_ref and n_ref >= 1):
         raise DataError(f"counts out of range: k={k} of n={n}, k_ref={k_ref} of n_ref={n_ref}")
-    p0 = (k_ref + 1) / (n_ref + 1)
-    p = float(binom.sf(k - 1, n, p0)) if k > 0 else 1.0
+    p = xclass_p_value(k, n, k_ref, n_ref, test)
     return XClassDecision(tau_loss=float(tau_loss), tau_score=float(tau_score), n=int(n), k=int(k),
-                          n_ref=int(n_ref), k_ref=int(k_ref), n_suspects=int(n_suspects), expected=float(n * p0),
-                          p_value=p, alpha=float(alpha), attack=bool(p < alpha))
+                          n_ref=int(n_ref), k_ref=int(k_ref), n_suspects=int(n_suspects),
+                          expected=float(n * (k_ref + 1) / (n_ref + 1)), p_value=p, alpha=float(alpha),
+                          attack=bool(p < alpha), test=test)
 
 
 def choose_threshold(hit_scores: np.ndarray, n: int, ref_scores: np.ndarray, n_ref: int, tau_base: float,
-                     alpha: float, fdr: float, tau_loss: float, n_suspects: int) -> XClassDecision:
+                     alpha: float, fdr: float, tau_loss: float, n_suspects: int,
+                     test: str = "predictive") -> XClassDecision:
     """The score threshold: the lowest at which D's crossings are both significant and mostly not what
     clean data explains.
 
@@ -171,7 +209,8 @@ def choose_threshold(hit_scores: np.ndarray, n: int, ref_scores: np.ndarray, n_r
         ref_scores: float (k_ref,) scores of the reserve's samples crossing both (its clean crossings).
         n_ref: reserve samples scored.
         tau_base: the reserve's ``score_quantile`` of the score (the lowest threshold considered).
-        alpha: level of the one-sided binomial test (see :func:`decide_xclass`).
+        alpha: level of the one-sided test (see :func:`decide_xclass`).
+        test: ``predictive`` or ``plug-in`` (:func:`xclass_p_value`).
         fdr: largest accepted estimated false discovery rate ``expected / k``, in (0, 1]; 1 = no search:
             ``tau_base`` alone, flagged when significant (the default: docs/results.md has both measured).
 
@@ -190,7 +229,7 @@ def choose_threshold(hit_scores: np.ndarray, n: int, ref_scores: np.ndarray, n_r
     for t in cands:
         k = int(len(hs) - np.searchsorted(hs, t, side="right"))
         k_ref = int(len(rs) - np.searchsorted(rs, t, side="right"))
-        d = decide_xclass(k, n, k_ref, n_ref, alpha, tau_loss, t, n_suspects)
+        d = decide_xclass(k, n, k_ref, n_ref, alpha, tau_loss, t, n_suspects, test)
         d.tau_base, d.fdr = float(tau_base), float(fdr)
         d.est_fdr = d.expected / k if k else float("inf")
         first = first or d

@@ -180,7 +180,7 @@ def xclass_scores(model_path: str, shards: Sequence[str], clean_shards: Sequence
     ref_hit = (ref2["loss"] > tau_loss) & (ref2["score"] > tau_score)
     out.decision = choose_threshold(np.concatenate(hits) if hits else np.zeros(0), n, ref2["score"][ref_hit],
                                     len(ref2["sid"]), tau_score, xc.alpha, xc.fdr, tau_loss,
-                                    int(total.count[SUSPECT::2].sum()))
+                                    int(total.count[SUSPECT::2].sum()), xc.test)
     if out.flagged is not None and out.score is not None:  # the final threshold
         out.flagged &= out.score > out.decision.tau_score
     out.seconds = time.monotonic() - t0
