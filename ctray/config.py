@@ -477,7 +477,8 @@ class XClassConfig:
     # data as D grows (ctray.core.xclass's docstring, docs/results.md)
     test: str = "predictive"
     # 0.01 with the predictive test: its p-value is bounded below by the reserve (1,000 samples, 2 clean
-    # crossings: about 0.003 at any N for 1% spread poison), so 0.001 would leave it blind at that rate
+    # crossings: about 0.003 at any N for 1% spread poison), so 0.001 would find that poison only when the
+    # reserve has at most 1 crossing
     alpha: float = 1e-2
     # < 1: the score threshold rises from score_quantile past the reserve's own crossings until the
     # crossings expected from clean data are at most this share of D's (an estimated false discovery
