@@ -665,6 +665,7 @@ def _unlearn_checks(name: str, sec: RepairConfig | CleanseConfig) -> list[tuple[
 def _validate_defenses(cfg: Config) -> None:
     """Cross-field rules of the defense sections (repair, audit, cleanse, act)."""
     from ctray.core.audit import SCORE_MODES  # here: ctray.core's package import pulls in SciPy (~1 s)
+    from ctray.core.xclass import TESTS as XCLASS_TESTS
 
     r, a, c, act = cfg.repair, cfg.audit, cfg.cleanse, cfg.act
     checks = [
@@ -692,8 +693,8 @@ def _validate_defenses(cfg: Config) -> None:
         (0 < cfg.xclass.loss_quantile < 1 and 0 < cfg.xclass.score_quantile < 1 and 0 < cfg.xclass.alpha < 1,
          "xclass.loss_quantile, score_quantile and alpha must lie in (0, 1)"),
         (0 < cfg.xclass.fdr <= 1, f"xclass.fdr must lie in (0, 1], got {cfg.xclass.fdr}"),
-        (cfg.xclass.test in ("predictive", "plug-in"),
-         f"xclass.test must be predictive or plug-in, got {cfg.xclass.test!r}"),
+        (cfg.xclass.test in XCLASS_TESTS,
+         f"xclass.test must be {' or '.join(XCLASS_TESTS)}, got {cfg.xclass.test!r}"),
         (cfg.xclass.ridge >= 0 and cfg.xclass.max_dims >= 1, "xclass.ridge must be >= 0 and xclass.max_dims >= 1"),
     ]
     for aug, name in ((r.augment, "repair.augment"), (c.augment, "cleanse.augment")):
